@@ -1,0 +1,91 @@
+"""The torch reference attention backend over the dkv pool (SGLang's CPU path).
+
+It computes what SGLang's ``torch_native`` backend computes, with the same SDPA call on the
+same key order, but reads each layer's keys through the row table: after compression a
+layer attends to exactly the rows it kept. During a prefill that reaches past the budget it
+also records the observation window's scores for the policy.
+"""
+
+from __future__ import annotations
+
+import torch
+from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from torch.nn.functional import scaled_dot_product_attention
+
+from ..memory.pool import DkvKVPool
+from ..policy import PolicyConfig, window_scores
+
+
+class DkvTorchAttnBackend(TorchNativeAttnBackend):
+    def __init__(self, model_runner, config: PolicyConfig):
+        super().__init__(model_runner)
+        if not isinstance(self.token_to_kv_pool, DkvKVPool):
+            raise TypeError("DkvTorchAttnBackend needs the dkv pool (is the plugin loaded?)")
+        self.pool: DkvKVPool = self.token_to_kv_pool
+        self.config = config
+
+    def _check_layer(self, layer):
+        if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
+            raise NotImplementedError("dkv-sglang supports full causal self-attention layers only")
+
+    def _attend(self, q, k, v, layer, causal: bool):
+        """q [Hq, Sq, D] against k/v [Hkv, S, D]: SDPA as SGLang's torch_native calls it."""
+        if not (q.dtype == k.dtype == v.dtype):
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        return (
+            scaled_dot_product_attention(
+                q.unsqueeze(0),
+                k.unsqueeze(0),
+                v.unsqueeze(0),
+                enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
+                scale=layer.scaling,
+                is_causal=causal,
+            )
+            .squeeze(0)
+            .movedim(1, 0)
+        )
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc), k, v)
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        req_to_token = self.req_to_token_pool.req_to_token
+        seq_lens = forward_batch.seq_lens.tolist()
+        prefix_lens = forward_batch.extend_prefix_lens.tolist()
+        ext_lens = forward_batch.extend_seq_lens.tolist()
+        rpis = forward_batch.req_pool_indices.tolist()
+        start = 0
+        for rpi, seq_len, prefix_len, ext_len in zip(rpis, seq_lens, prefix_lens, ext_lens):
+            end = start + ext_len
+            vids = req_to_token[rpi, :seq_len]
+            keys, values = self.pool.gather(layer.layer_id, vids)
+            if keys.shape[1] != seq_len:
+                raise RuntimeError("extend over a compressed prefix is not supported")
+            # Queries padded to the full length so SDPA's causal mask lines up, as torch_native does.
+            q_req = q_[start:end].movedim(0, 1)
+            q_full = q_req.new_empty((q_req.shape[0], seq_len, q_req.shape[2]))
+            q_full[:, prefix_len:, :] = q_req
+            out = self._attend(q_full, keys, values, layer, causal=True)
+            o[start:end] = out[prefix_len:]
+            if seq_len > self.config.budget:
+                w = min(self.config.window, ext_len)
+                prefix = seq_len - self.config.window
+                scores = window_scores(q_[end - w : end], keys, layer.scaling)[:, :prefix]
+                self.pool.record_scores(rpi, seq_len, layer.layer_id, scores)
+            start = end
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        self._check_layer(layer)
+        if save_kv_cache and k is not None and v is not None:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc), k, v)
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o = q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        req_to_token = self.req_to_token_pool.req_to_token
+        for i, (rpi, seq_len) in enumerate(zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist())):
+            keys, values = self.pool.gather(layer.layer_id, req_to_token[rpi, :seq_len])
+            o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), keys, values, layer, causal=False)
+        return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

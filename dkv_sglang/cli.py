@@ -1,0 +1,86 @@
+"""Our flags: taken out of argv, validated before any model loads; the rest goes to SGLang.
+
+One function, :func:`split_argv`, turns command-line words into a :class:`PolicyConfig`
+plus SGLang's own arguments; :func:`engine_defaults` is the one place that decides the
+SGLang settings a policy or this machine needs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .policy import POLICIES, PolicyConfig, PolicyConfigError
+from .policy.config import POOLINGS
+
+_DEFAULTS = PolicyConfig()
+
+# flag -> (PolicyConfig field, type, help)
+FLAGS = {
+    "--kv-policy": ("policy", str, f"KV policy: {', '.join(POLICIES)} (full = vanilla SGLang)"),
+    "--kv-budget": ("budget", int, "average KV rows kept per layer per request, window included; "
+                    "prompts of at most this many tokens are not compressed"),
+    "--kv-window": ("window", int, "observation window ws: last prompt tokens whose queries score the rest"),
+    "--kv-kernel": ("kernel", int, "1-D pooling kernel over the scores (odd)"),
+    "--kv-pooling": ("pooling", str, f"pooling type: {', '.join(POOLINGS)}"),
+    "--kv-rmax": ("rmax", int, "DynamicKV r_max: rows a layer holds before its budget is fixed, x base"),
+    "--kv-update-interval": ("update_interval", int, "DynamicKV m: re-decide budgets every m layers"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m dkv_sglang.launch_server",
+        description="SGLang's server with DynamicKV KV-cache compression. Every flag not listed "
+        "here is SGLang's own (python -m sglang.launch_server --help).",
+        add_help=False,
+    )
+    p.add_argument("-h", "--help", action="store_true", help="show this help (and SGLang's) and exit")
+    for flag, (field, _, text) in FLAGS.items():
+        # Values are parsed as strings and converted in one place, so errors name the flag.
+        p.add_argument(flag, dest=field, default=None, metavar=field.upper(),
+                       help=f"{text} (default: {getattr(_DEFAULTS, field)})")
+    return p
+
+
+def _convert(flag: str, raw: str):
+    field, typ, _ = FLAGS[flag]
+    if typ is int:
+        try:
+            return int(raw)
+        except ValueError:
+            raise PolicyConfigError(flag, f"expected an integer, got {raw!r}") from None
+    return raw
+
+
+def config_from_options(**options) -> PolicyConfig:
+    """Build the config from keyword options (``kv_budget=...`` or ``budget=...``)."""
+    fields = {}
+    for flag, (field, typ, _) in FLAGS.items():
+        for key in (flag[2:].replace("-", "_"), field):
+            if key in options and options[key] is not None:
+                value = options[key]
+                fields[field] = _convert(flag, value) if isinstance(value, str) and typ is int else value
+    return PolicyConfig(**fields)
+
+
+def split_argv(argv: list[str]) -> tuple[PolicyConfig, list[str], bool]:
+    """(config, SGLang's argv, help asked). Raises PolicyConfigError naming the bad flag."""
+    ns, rest = parser().parse_known_args(argv)
+    raw = {field: getattr(ns, field) for _, (field, _, _) in FLAGS.items()}
+    converted = {}
+    for flag, (field, _, _) in FLAGS.items():
+        if raw[field] is not None:
+            converted[field] = _convert(flag, raw[field])
+    return PolicyConfig(**converted), rest, ns.help
+
+
+def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict:
+    """SGLang settings to add (by ServerArgs field name) unless the user gave them."""
+    out = {}
+    if on_cpu:
+        out.update(device="cpu", attention_backend="torch_native", mem_fraction_static=0.3)
+    if config.compresses:
+        # Compressed rows are per request: they are never shared through the prefix cache,
+        # and compression runs between forward passes.
+        out.update(disable_radix_cache=True, disable_overlap_schedule=True)
+    return {k: v for k, v in out.items() if k not in given}

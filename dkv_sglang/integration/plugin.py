@@ -1,0 +1,99 @@
+"""The SGLang plugin (entry point ``sglang.srt.plugins: dkv``), run in every SGLang process.
+
+With ``--kv-policy full`` (the default) it only adds the ``dkv`` stats to the scheduler's
+internal state: serving is vanilla SGLang. With a compressing policy it swaps in the dkv pool
+and allocator, the dkv torch attention backend under the ``torch_native`` name, and the
+compression step after each prefill batch.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import settings
+
+logger = logging.getLogger(__name__)
+
+_CONFIGURATOR = "sglang.srt.mem_cache.kv_cache_configurator.KVCacheConfigurator"
+_PREFILL_RESULT = (
+    "sglang.srt.managers.scheduler_components.batch_result_processor."
+    "SchedulerBatchResultProcessor.process_batch_result_prefill"
+)
+_INTERNAL_STATE = (
+    "sglang.srt.managers.scheduler_components.internal_state."
+    "SchedulerInternalStateController.get_internal_state"
+)
+
+
+def register() -> None:
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    config = settings.current()
+    HookRegistry.register(_INTERNAL_STATE, _with_dkv_stats, HookType.AROUND)
+    if not config.compresses:
+        return
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", _build_pool, HookType.AROUND)
+    HookRegistry.register(f"{_CONFIGURATOR}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND)
+    HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
+    ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
+    logger.info("dkv-sglang: %s", config)
+
+
+def _create_torch_backend(model_runner):
+    from ..attention.torch_backend import DkvTorchAttnBackend
+
+    return DkvTorchAttnBackend(model_runner, settings.current())
+
+
+def _build_pool(original, configurator, *, max_total_num_tokens, mha_pool_class, quant_method=None):
+    from ..memory.pool import DkvKVPool
+
+    if quant_method is not None:
+        raise NotImplementedError("dkv-sglang does not support quantized KV caches yet")
+    from sglang.srt.mem_cache import kv_cache_configurator as kcc
+
+    par = kcc.get_parallel()
+    return DkvKVPool(
+        max_total_num_tokens,
+        page_size=configurator.pool_page_size,
+        dtype=configurator.kv_cache_dtype,
+        head_num=configurator.model_config.get_num_kv_heads(par.attn_tp_size, par.attn_dcp_size),
+        head_dim=configurator.model_config.head_dim,
+        v_head_dim=configurator.model_config.v_head_dim,
+        layer_num=configurator.layer_info.num_effective_layers,
+        device=configurator.device,
+        start_layer=configurator.layer_info.start_layer,
+        end_layer=configurator.layer_info.end_layer,
+    )
+
+
+def _build_allocator(original, configurator, *, sizes, token_to_kv_pool, **kwargs):
+    from ..memory.pool import DkvAllocator, DkvKVPool
+
+    if not isinstance(token_to_kv_pool, DkvKVPool):
+        return original(configurator, sizes=sizes, token_to_kv_pool=token_to_kv_pool, **kwargs)
+    return DkvAllocator(
+        sizes.max_total_num_tokens,
+        dtype=configurator.kv_cache_dtype,
+        device=configurator.device,
+        kvcache=token_to_kv_pool,
+        need_sort=False,
+    )
+
+
+def _compress_after_prefill(original, processor, batch, result):
+    from .compressor import compress_batch
+
+    out = original(processor, batch, result)
+    compress_batch(batch, settings.current())
+    return out
+
+
+def _with_dkv_stats(original, controller, recv_req):
+    from .stats import dkv_stats
+
+    out = original(controller, recv_req)
+    out.internal_state["dkv"] = dkv_stats(controller.scheduler, settings.current())
+    return out

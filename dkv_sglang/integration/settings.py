@@ -1,0 +1,20 @@
+"""Carry the policy settings from the launcher to SGLang's spawned processes (environment)."""
+
+from __future__ import annotations
+
+import os
+
+from ..policy import PolicyConfig
+
+ENV_VAR = "DKV_SGLANG_CONFIG"
+
+
+def publish(config: PolicyConfig) -> None:
+    """Make ``config`` the one every process started from now on reads."""
+    os.environ[ENV_VAR] = config.to_json()
+
+
+def current() -> PolicyConfig:
+    """The published settings; vanilla ``full`` when none were published."""
+    text = os.environ.get(ENV_VAR)
+    return PolicyConfig.from_json(text) if text else PolicyConfig()

@@ -1,0 +1,26 @@
+"""The ``dkv`` stats a scheduler reports (``GET /dkv/stats``, ``Engine.dkv_stats()``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from ..policy import PolicyConfig
+
+
+def dkv_stats(scheduler, config: PolicyConfig) -> dict:
+    from ..memory.pool import DkvAllocator
+
+    allocator = scheduler.token_to_kv_pool_allocator
+    out = {"policy": config.policy, "budget": config.budget, "config": asdict(config)}
+    if isinstance(allocator, DkvAllocator):
+        out.update(allocator.stats())
+    else:  # vanilla SGLang: every token holds a row in every layer
+        layers = scheduler.tp_worker.model_runner.model_config.num_hidden_layers
+        out.update(
+            num_layers=layers,
+            pool_rows_total=scheduler.max_total_num_tokens * layers,
+            pool_rows_free=allocator.available_size() * layers,
+            requests_compressed=0,
+            recent=[],
+        )
+    return out

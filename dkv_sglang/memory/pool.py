@@ -1,0 +1,169 @@
+"""SGLang adapters over :class:`RowTable`: the KV pool and its token allocator.
+
+``DkvKVPool`` replaces SGLang's ``MHATokenToKVPool`` when a compressing policy is on. It keeps
+one K buffer and one V buffer of head-rows shared by all layers (the same bytes SGLang would
+give its per-layer buffers) and translates SGLang's token ids through the row table.
+``DkvAllocator`` hands SGLang token ids and reports capacity in tokens of all layers, so every
+row a policy drops raises ``available_size()`` and the scheduler admits more.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Optional
+
+import torch
+from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
+from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
+
+from .row_table import RowTable
+
+# Token ids alive at once, per token of capacity: compressed requests keep their ids.
+IDS_PER_TOKEN = 8
+RECENT_REQUESTS = 256
+
+
+class DkvKVPool(KVCache):
+    """Head-row K/V buffers shared by all layers: ``k_rows`` [R+1, D], ``v_rows`` [R+1, Dv]."""
+
+    def __init__(
+        self,
+        size: int,
+        page_size: int,
+        dtype: torch.dtype,
+        head_num: int,
+        head_dim: int,
+        layer_num: int,
+        device: str,
+        v_head_dim: Optional[int] = None,
+        start_layer: Optional[int] = None,
+        end_layer: Optional[int] = None,
+        **_unused,
+    ):
+        if page_size != 1:
+            raise ValueError("dkv-sglang's pool supports --page-size 1 only for now")
+        super().__init__(size, page_size, dtype, layer_num, device, False, start_layer, end_layer)
+        self.head_num = head_num
+        self.head_dim = head_dim
+        self.v_head_dim = v_head_dim or head_dim
+        self.table = RowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, device)
+        rows = self.table.num_rows + 1
+        self.k_rows = torch.zeros(rows, self.head_dim, dtype=self.store_dtype, device=device)
+        self.v_rows = torch.zeros(rows, self.v_head_dim, dtype=self.store_dtype, device=device)
+        self.mem_usage = sum(self.get_kv_size_bytes()) / (1 << 30)
+        # Window scores recorded by the attention backend during a prefill, per request slot:
+        # {req_pool_idx: (seq_len, [per-layer [H, n - w] tensor])}; taken by the compressor.
+        self._scores: dict[int, tuple[int, list]] = {}
+
+    # -- SGLang's KVCache interface ------------------------------------------------------------
+    def get_kv_size_bytes(self):
+        return (
+            self.k_rows.numel() * self.k_rows.element_size(),
+            self.v_rows.numel() * self.v_rows.element_size(),
+        )
+
+    def _unsupported(self, what: str):
+        raise NotImplementedError(
+            f"{what}: the dkv pool stores rows per (layer, KV head); read it through "
+            "DkvKVPool.gather(layer, req_token_ids)"
+        )
+
+    def get_key_buffer(self, layer_id: int):
+        self._unsupported("get_key_buffer")
+
+    def get_value_buffer(self, layer_id: int):
+        self._unsupported("get_value_buffer")
+
+    def get_kv_buffer(self, layer_id: int):
+        self._unsupported("get_kv_buffer")
+
+    def set_kv_buffer(self, layer, loc, cache_k, cache_v, *args, **kwargs) -> None:
+        vids, _, _ = unwrap_write_loc(loc)
+        rows = self.table.write_rows(layer.layer_id - self.start_layer, vids)
+        self.k_rows[rows] = cache_k.reshape(-1, self.head_dim).to(self.store_dtype)
+        self.v_rows[rows] = cache_v.reshape(-1, self.v_head_dim).to(self.store_dtype)
+
+    # -- what attention reads --------------------------------------------------------------------
+    def gather(self, layer_id: int, vids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V a layer holds for one request's token ids: [H, k, D], [H, k, Dv]."""
+        rows = self.table.kept_rows(layer_id - self.start_layer, vids)
+        return self.k_rows[rows], self.v_rows[rows]
+
+    # -- window scores, from the attention backend to the compressor --------------------------
+    def record_scores(self, req_pool_idx: int, seq_len: int, layer_id: int, scores: torch.Tensor) -> None:
+        entry = self._scores.get(req_pool_idx)
+        if entry is None or entry[0] != seq_len:
+            entry = (seq_len, [None] * self.layer_num)
+            self._scores[req_pool_idx] = entry
+        entry[1][layer_id - self.start_layer] = scores
+
+    def take_scores(self) -> dict[int, tuple[int, list]]:
+        scores, self._scores = self._scores, {}
+        return scores
+
+
+class DkvAllocator(BaseTokenToKVPoolAllocator):
+    """SGLang's token allocator over the dkv pool; capacity counts tokens of all layers."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: str, kvcache: DkvKVPool, need_sort: bool):
+        super().__init__(size, 1, dtype, device, kvcache, need_sort)
+        self.table: RowTable = kvcache.table
+        self.release_pages = torch.empty((0,), dtype=torch.int64, device=device)
+        self.requests_compressed = 0
+        self.recent = collections.deque(maxlen=RECENT_REQUESTS)
+
+    @property
+    def free_pages(self):
+        """Free token ids (SGLang's invariant checks read this)."""
+        ids = self.table.ids
+        return ids.ids[: ids.top]
+
+    @free_pages.setter
+    def free_pages(self, value):  # the base __init__ assigns None
+        pass
+
+    def clear(self):
+        self.table.reset()
+        self.free_group = None
+
+    def available_size(self):
+        return self.table.free_tokens()
+
+    def alloc(self, need_size: int):
+        return self.table.alloc(need_size)
+
+    def free(self, free_index: torch.Tensor):
+        if free_index.numel() == 0:
+            return
+        if self.free_group is not None:
+            self.free_group.append(self._copy_for_free_group(free_index))
+            return
+        self.table.free(free_index)
+
+    def free_page_ids(self, page_ids: torch.Tensor):
+        self.free(page_ids)
+
+    # -- compression -----------------------------------------------------------------------------
+    def compress(self, rid: str, vids: torch.Tensor, keep: torch.Tensor, kept_per_layer: list[int]) -> int:
+        """Drop the head-rows of ``vids`` that ``keep`` [L, H, n] does not keep; record it.
+
+        Returns the layer-rows freed.
+        """
+        freed = self.table.drop(vids, keep) // self.table.num_heads
+        self.requests_compressed += 1
+        self.recent.append(
+            {"rid": rid, "prompt_tokens": int(vids.numel()), "kept_per_layer": kept_per_layer, "rows_freed": freed}
+        )
+        return freed
+
+    def stats(self) -> dict:
+        t = self.table
+        return {
+            "num_layers": t.num_layers,
+            "kv_heads": t.num_heads,
+            "pool_rows_total": t.num_tokens * t.num_layers,
+            "pool_rows_free": t.free_layer_rows(),
+            "token_ids_free": len(t.ids),
+            "requests_compressed": self.requests_compressed,
+            "recent": list(self.recent),
+        }

@@ -1,0 +1,145 @@
+"""Which physical KV row holds each (layer, KV head, token): the bookkeeping of the shared pool.
+
+Pure torch, no SGLang import. Vocabulary:
+
+- a *head-row* is one KV head of one token of one layer: the unit the physical buffers hold,
+  so every (layer, head) of a request can keep its own set of tokens;
+- a *layer-row* ("row" in stats) is one token of one layer: ``H`` head-rows;
+- a *token id* (``vid``) is what SGLang's ``req_to_token`` holds and its allocator hands out.
+  It names a token of a request, not a place in memory: ``row_of[layer, head, vid]`` is the
+  head-row holding it, or -1 once the policy dropped it there.
+
+All layers draw head-rows from one free list, so the memory one request drops in one layer is
+available to any layer of any request. A new token takes ``L * H`` head-rows; freeing a token
+id returns whatever head-rows it still holds. Row 0 and token id 0 are SGLang's padding slot:
+``row_of[:, :, 0] == 0`` always, and head-row 0 is never handed out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _Stack:
+    """A free list of ids 1..n kept as a preallocated stack: O(k) to take or return k ids."""
+
+    def __init__(self, n: int, device):
+        self.capacity = n
+        self.ids = torch.arange(1, n + 1, dtype=torch.int64, device=device)
+        self.top = n  # ids[:top] are free
+
+    def __len__(self) -> int:
+        return self.top
+
+    def take(self, k: int) -> torch.Tensor:
+        assert 0 <= k <= self.top
+        self.top -= k
+        return self.ids[self.top : self.top + k].clone()
+
+    def give(self, ids: torch.Tensor) -> None:
+        k = ids.numel()
+        assert self.top + k <= self.capacity, "more ids returned than were taken (double free)"
+        self.ids[self.top : self.top + k] = ids.reshape(-1)
+        self.top += k
+
+    def reset(self) -> None:
+        self.ids = torch.arange(1, self.capacity + 1, dtype=torch.int64, device=self.ids.device)
+        self.top = self.capacity
+
+
+class RowTable:
+    """Token ids -> head-rows, per (layer, head), over one pool of head-rows.
+
+    Args:
+        num_layers, num_heads: L and H (KV heads on this rank).
+        num_tokens:  capacity in tokens of all layers; the pool has num_tokens*L*H head-rows.
+        num_ids:     how many token ids may be alive at once (>= num_tokens: compressed
+                     requests hold ids for tokens whose rows are gone).
+    """
+
+    def __init__(self, num_layers: int, num_heads: int, num_tokens: int, num_ids: int, device="cpu"):
+        if num_ids < num_tokens:
+            raise ValueError("num_ids must be >= num_tokens")
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.num_tokens = num_tokens
+        self.num_rows = num_tokens * num_layers * num_heads
+        self.rows = _Stack(self.num_rows, device)
+        self.ids = _Stack(num_ids, device)
+        self.row_of = torch.full((num_layers, num_heads, num_ids + 1), -1, dtype=torch.int32, device=device)
+        self.row_of[:, :, 0] = 0
+
+    # -- capacity ---------------------------------------------------------------------------
+    @property
+    def head_rows_per_token(self) -> int:
+        return self.num_layers * self.num_heads
+
+    def free_head_rows(self) -> int:
+        return len(self.rows)
+
+    def free_layer_rows(self) -> int:
+        return len(self.rows) // self.num_heads
+
+    def free_tokens(self) -> int:
+        """New tokens (all layers) that fit now: limited by head-rows and by token ids."""
+        return min(len(self.rows) // self.head_rows_per_token, len(self.ids))
+
+    # -- allocation -------------------------------------------------------------------------
+    def alloc(self, n: int) -> torch.Tensor | None:
+        """``n`` new token ids, each with a head-row in every (layer, head); None if full."""
+        if n > self.free_tokens():
+            return None
+        vids = self.ids.take(n)
+        rows = self.rows.take(n * self.head_rows_per_token)
+        self.row_of[:, :, vids] = rows.view(self.num_layers, self.num_heads, n).to(torch.int32)
+        return vids
+
+    def free(self, vids: torch.Tensor) -> None:
+        """Release token ids and every head-row they still hold."""
+        vids = vids.reshape(-1).to(torch.int64)
+        if vids.numel() == 0:
+            return
+        held = self.row_of[:, :, vids]
+        self.rows.give(held[held >= 0].to(torch.int64))
+        self.row_of[:, :, vids] = -1
+        self.ids.give(vids)
+
+    def drop(self, vids: torch.Tensor, keep: torch.Tensor) -> int:
+        """Free the head-rows of ``vids`` where ``keep`` [L, H, len(vids)] is False.
+
+        Returns the number of head-rows freed (rows already dropped count zero).
+        """
+        vids = vids.reshape(-1).to(torch.int64)
+        held = self.row_of[:, :, vids]
+        gone = (~keep.to(held.device)) & (held >= 0)
+        freed = held[gone].to(torch.int64)
+        self.rows.give(freed)
+        held[gone] = -1
+        self.row_of[:, :, vids] = held
+        return int(freed.numel())
+
+    def reset(self) -> None:
+        self.rows.reset()
+        self.ids.reset()
+        self.row_of.fill_(-1)
+        self.row_of[:, :, 0] = 0
+
+    # -- lookup -----------------------------------------------------------------------------
+    def write_rows(self, layer: int, vids: torch.Tensor) -> torch.Tensor:
+        """[len(vids) * H] head-rows to write token-major ([T, H] flattened) in ``layer``."""
+        return self.row_of[layer][:, vids].t().reshape(-1).to(torch.int64)
+
+    def kept_rows(self, layer: int, vids: torch.Tensor) -> torch.Tensor:
+        """[H, k] head-rows that ``layer`` still holds for ``vids``, in token order.
+
+        Every head of a layer keeps the same number of tokens (the policies choose so).
+        """
+        rows = self.row_of[layer][:, vids]
+        valid = rows >= 0
+        if bool(valid.all()):
+            return rows.to(torch.int64)
+        return rows[valid].view(self.num_heads, -1).to(torch.int64)
+
+    def held_per_layer(self, vids: torch.Tensor) -> list[int]:
+        """Tokens each layer holds for ``vids`` (counted on head 0)."""
+        return (self.row_of[:, 0, vids] >= 0).sum(dim=1).tolist()

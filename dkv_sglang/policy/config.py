@@ -1,0 +1,80 @@
+"""The KV policy settings: one frozen object, validated once, shared by every process."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+POLICIES = ("full", "dynamickv")
+POOLINGS = ("avg", "max")
+
+
+class PolicyConfigError(ValueError):
+    """A bad policy setting; ``flag`` names the command-line flag it came from."""
+
+    def __init__(self, flag: str, message: str):
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """What the KV policy keeps.
+
+    budget:          average KV rows kept per layer per request, window included (the
+                     paper's "KV size"); prompts of at most ``budget`` tokens are kept whole.
+    window:          ws, the last prompt tokens whose queries score the prefix; always kept.
+    kernel, pooling: 1-D pooling over the prefix scores (odd kernel, padding kernel//2).
+    rmax:            DynamicKV's r_max: each layer first holds min(rmax*base, n-ws) rows.
+    update_interval: m, DynamicKV re-decides its per-layer budgets every m layers.
+    fill_surplus:    hand budget that a layer cannot use (capped by its held rows or the
+                     prompt) to layers with room. False gives the reference's unique rows.
+    """
+
+    policy: str = "full"
+    budget: int = 128
+    window: int = 8
+    kernel: int = 7
+    pooling: str = "avg"
+    rmax: int = 10
+    update_interval: int = 4
+    fill_surplus: bool = True
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise PolicyConfigError("--kv-policy", f"unknown policy {self.policy!r}; choose from {', '.join(POLICIES)}")
+        for flag, value in (
+            ("--kv-budget", self.budget),
+            ("--kv-window", self.window),
+            ("--kv-kernel", self.kernel),
+            ("--kv-rmax", self.rmax),
+            ("--kv-update-interval", self.update_interval),
+        ):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise PolicyConfigError(flag, f"must be an integer, got {value!r}")
+            if value < 1:
+                raise PolicyConfigError(flag, f"must be >= 1, got {value}")
+        if self.budget < self.window + 1:
+            raise PolicyConfigError(
+                "--kv-budget", f"must be at least --kv-window + 1 = {self.window + 1}, got {self.budget}"
+            )
+        if self.kernel % 2 == 0:
+            raise PolicyConfigError("--kv-kernel", f"must be odd (padding is kernel//2), got {self.kernel}")
+        if self.pooling not in POOLINGS:
+            raise PolicyConfigError("--kv-pooling", f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+
+    @property
+    def base(self) -> int:
+        """Rows per layer kept besides the window (the reference's ``base``)."""
+        return self.budget - self.window
+
+    @property
+    def compresses(self) -> bool:
+        return self.policy != "full"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PolicyConfig":
+        return cls(**json.loads(text))

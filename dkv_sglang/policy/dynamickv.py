@@ -1,0 +1,137 @@
+"""DynamicKV's per-layer budgets and row selection for one request (pure torch).
+
+Given each layer's window scores (see :mod:`.scoring`) for a prompt of ``n`` tokens, decide
+which prompt tokens every (layer, KV head) keeps. The steps follow the paper's released code
+(DESIGN.md section 4); each function here is one step so tests can check them on paper:
+
+1. pool the scores (:func:`~.scoring.pool_scores`);
+2. every layer first holds its top ``bs = min(rmax * base, n - ws)`` prefix tokens per head;
+3. every ``m`` layers (and after the last), one global top-k over the rows held by the layers
+   seen so far counts winners per layer and re-decides all their budgets
+   (:func:`update_budgets`); a layer is cut to its budget, and the reference never grows it back;
+4. what is kept: the first ``budget_l`` held tokens of each head, plus the window.
+
+Our changes to the reference, each deliberate:
+- one request at a time, so budgets never depend on the rest of the batch;
+- rows per KV head (scores of a query group combined), not per query head;
+- ``fill_surplus``: budget a layer cannot use (cut earlier, or capped by ``n - ws``) goes to
+  layers with room instead of being dropped or padded with duplicate window rows, so every
+  compressed request keeps exactly ``budget * L`` rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .config import PolicyConfig
+from .scoring import pool_scores
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The rows one request keeps: ``kept[l]`` is [H, k_l], ascending prompt positions."""
+
+    prompt_len: int
+    kept: list[torch.Tensor]
+
+    @property
+    def kept_per_layer(self) -> list[int]:
+        return [int(k.shape[1]) for k in self.kept]
+
+    def keep_mask(self) -> torch.Tensor:
+        """[L, H, n] bool: True where (layer, head, position) is kept."""
+        L = len(self.kept)
+        H = self.kept[0].shape[0]
+        mask = torch.zeros(L, H, self.prompt_len, dtype=torch.bool)
+        for layer, pos in enumerate(self.kept):
+            mask[layer].scatter_(1, pos.cpu(), True)
+        return mask
+
+
+def update_points(num_layers: int, interval: int) -> list[int]:
+    """Layers after which budgets are re-decided: every ``interval`` layers, and the last."""
+    pts = [l for l in range(num_layers) if l % interval == interval - 1]
+    if not pts or pts[-1] != num_layers - 1:
+        pts.append(num_layers - 1)
+    return pts
+
+
+def update_budgets(held_scores: torch.Tensor, held: Sequence[int], base: int, num_layers: int, cap: int) -> list[int]:
+    """One budget update over the layers seen so far.
+
+    Args:
+        held_scores: [L', H, bs] pooled scores of each seen layer's held rows, sorted
+                     descending per head; only the first ``held[l]`` of layer l count.
+        held:        rows per head each seen layer still holds.
+        base:        budget per layer besides the window.
+        num_layers:  L, all layers of the model (the budgets of the seen layers sum to base*L).
+        cap:         n - ws, the most prefix rows a layer can keep.
+
+    Returns:
+        budget per seen layer: base*L*c_l/sum(c) floored, c_l = winners_l // L', the
+        remainder to the last seen layer, then capped at ``cap``.
+    """
+    lp, h, bs = held_scores.shape
+    masked = held_scores.clone()
+    col = torch.arange(bs)
+    for layer in range(lp):
+        masked[layer, :, col >= held[layer]] = float("-inf")
+    k = base * h * lp
+    top = masked.reshape(-1).topk(k)
+    winners = top.indices[torch.isfinite(top.values)]
+    counts = torch.bincount(winners // (h * bs), minlength=lp)
+    c = counts // lp
+    total = base * num_layers
+    if int(c.sum()) == 0:
+        budgets = [total // lp] * lp
+    else:
+        budgets = (total * c // c.sum()).tolist()
+    budgets[-1] += total - sum(budgets)
+    return [min(b, cap) for b in budgets]
+
+
+def fill_surplus(kept: Sequence[int], budgets: Sequence[int], limit: int, total: int) -> list[int]:
+    """Give ``total - sum(kept)`` rows to layers with room (< ``limit``), most-budgeted first."""
+    out = list(kept)
+    surplus = total - sum(out)
+    for layer in sorted(range(len(out)), key=lambda l: (-budgets[l], l)):
+        if surplus <= 0:
+            break
+        add = min(surplus, limit - out[layer])
+        out[layer] += add
+        surplus -= add
+    return out
+
+
+def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyConfig) -> Selection | None:
+    """DynamicKV's kept rows for one request, or None when the prompt fits the budget.
+
+    Args:
+        layer_scores: per layer, [H, n - ws] window scores (unpooled) of the prefix tokens.
+        prompt_len:   n.
+    """
+    n, ws = prompt_len, cfg.window
+    if n <= cfg.budget:
+        return None
+    num_layers = len(layer_scores)
+    prefix = n - ws
+    pooled = torch.stack([pool_scores(s.float().cpu(), cfg.kernel, cfg.pooling) for s in layer_scores])
+    bs = min(cfg.rmax * cfg.base, prefix)
+    held_scores, order = pooled.topk(bs, dim=-1)  # [L, H, bs], sorted descending
+
+    held = [bs] * num_layers
+    budgets = held
+    for point in update_points(num_layers, cfg.update_interval):
+        seen = point + 1
+        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix)
+        for layer in range(seen):
+            held[layer] = min(held[layer], budgets[layer])
+
+    counts = fill_surplus(held, budgets, bs, cfg.base * num_layers) if cfg.fill_surplus else held
+    heads = order.shape[1]
+    window = torch.arange(prefix, n).expand(heads, ws)
+    kept = [torch.cat([order[l, :, : counts[l]], window], dim=1).sort(dim=1).values for l in range(num_layers)]
+    return Selection(prompt_len=n, kept=kept)

@@ -1,0 +1,58 @@
+"""How much the observation window attends to each prefix token (pure torch, no SGLang).
+
+DynamicKV (like SnapKV) scores prefix token j of a prompt of n tokens by the attention the
+last ``w`` prompt queries pay to it: softmax in fp32, causal inside the window, summed over
+the window queries, then smoothed by 1-D pooling.
+
+GQA: one KV row serves a group of G query heads, so the G query heads' scores of a group are
+combined by their mean (a uniform rescaling of the sum: it ranks tokens the same way).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def window_scores(q_window: torch.Tensor, keys: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Window attention mass per KV head and prefix token.
+
+    Args:
+        q_window: [w, Hq, D], the queries of the last ``w`` prompt tokens (after RoPE).
+        keys:     [Hkv, n, D], the keys of all ``n`` prompt tokens, in position order.
+        scaling:  the softmax scale (1/sqrt(D) for standard attention).
+
+    Returns:
+        [Hkv, n - w] float32: for each KV head, the summed attention of the window queries
+        to each prefix token, averaged over the head's query group.
+    """
+    w, hq, d = q_window.shape
+    hkv, n, _ = keys.shape
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads do not split into {hkv} KV groups")
+    g = hq // hkv
+    # Query head h belongs to KV head h // g (the GQA layout of HF and SGLang).
+    q = q_window.float().permute(1, 0, 2).reshape(hkv, g * w, d)
+    logits = torch.bmm(q, keys.float().transpose(1, 2)) * scaling  # [Hkv, g*w, n]
+    logits = logits.view(hkv, g, w, n)
+    qpos = torch.arange(n - w, n, device=keys.device)
+    future = torch.arange(n, device=keys.device)[None, :] > qpos[:, None]  # [w, n]
+    logits.masked_fill_(future, float("-inf"))
+    attn = torch.softmax(logits, dim=-1)
+    return attn[..., : n - w].sum(dim=2).mean(dim=1)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along the last axis, stride 1, padding kernel//2 (the length is kept).
+
+    ``avg`` counts the zero padding in the mean, as ``F.avg_pool1d``'s default does.
+    """
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    if pooling == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    elif pooling == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    return y.reshape(shape)
