@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from dkv_sglang.memory.row_table import RowTable
+
+
+def make(tokens=10, layers=3, heads=2, ids=40):
+    return RowTable(layers, heads, tokens, ids)
+
+
+def test_alloc_takes_a_row_per_layer_and_head_and_free_returns_all():
+    t = make()
+    assert t.free_tokens() == 10 and t.free_layer_rows() == 30
+    vids = t.alloc(4)
+    assert vids.tolist() and 0 not in vids.tolist()
+    rows = t.row_of[:, :, vids]
+    assert (rows > 0).all() and rows.unique().numel() == 4 * 3 * 2
+    assert t.free_tokens() == 6 and t.free_layer_rows() == 18
+    assert t.alloc(7) is None
+    t.free(vids)
+    assert t.free_tokens() == 10 and t.free_head_rows() == 60
+    assert (t.row_of[:, :, vids] == -1).all()
+
+
+def test_drop_frees_exactly_the_dropped_rows_and_they_serve_other_tokens():
+    t = make()
+    vids = t.alloc(10)
+    assert t.free_tokens() == 0
+    keep = torch.ones(3, 2, 10, dtype=torch.bool)
+    keep[:, :, :6] = False  # every layer and head drops 6 of 10 tokens
+    assert t.drop(vids, keep) == 6 * 3 * 2
+    assert t.drop(vids, keep) == 0, "rows already dropped are not freed twice"
+    assert t.free_tokens() == 6
+    assert t.held_per_layer(vids) == [4, 4, 4]
+    more = t.alloc(6)  # the dropped rows now hold other tokens, in every layer
+    assert more is not None and t.free_tokens() == 0
+    t.free(vids)
+    t.free(more)
+    assert t.free_tokens() == 10 and t.free_head_rows() == 60
+
+
+def test_kept_rows_per_head_in_token_order():
+    t = make(tokens=5, layers=1, heads=2)
+    vids = t.alloc(5)
+    keep = torch.tensor([[[1, 0, 1, 0, 1], [0, 1, 1, 1, 0]]], dtype=torch.bool)
+    before = t.row_of[0][:, vids].clone()
+    t.drop(vids, keep)
+    rows = t.kept_rows(0, vids)
+    assert rows.tolist() == [before[0, [0, 2, 4]].tolist(), before[1, [1, 2, 3]].tolist()]
+
+
+def test_write_rows_are_token_major():
+    t = make(tokens=4, layers=2, heads=3)
+    vids = t.alloc(2)
+    rows = t.write_rows(1, vids)
+    assert rows.tolist() == t.row_of[1][:, vids].t().reshape(-1).tolist()
+
+
+def test_ids_can_outnumber_rows_once_compressed():
+    t = make(tokens=2, layers=1, heads=1, ids=6)
+    a = t.alloc(2)
+    t.drop(a, torch.zeros(1, 1, 2, dtype=torch.bool))
+    b = t.alloc(2)
+    t.drop(b, torch.zeros(1, 1, 2, dtype=torch.bool))
+    c = t.alloc(2)
+    assert c is not None and t.free_tokens() == 0  # ids exhausted, rows not
+    for v in (a, b, c):
+        t.free(v)
+    assert t.free_tokens() == 2
+
+
+def test_double_free_is_caught():
+    t = make(tokens=2, layers=1, heads=1, ids=2)
+    v = t.alloc(2)
+    t.free(v)
+    with pytest.raises(AssertionError):
+        t.free(v)
