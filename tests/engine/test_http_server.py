@@ -1,0 +1,103 @@
+"""The real HTTP server from ``python -m dkv_sglang.launch_server``: SGLang's API plus /dkv/stats."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from .conftest import TINY_LAYERS
+
+pytestmark = pytest.mark.engine
+
+BUDGET = 32
+MAX_NEW = 48
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dkv_sglang.launch_server", "--model-path", tiny_model,
+         "--kv-policy", "dynamickv", "--kv-budget", str(BUDGET), "--dtype", "float32",
+         "--max-total-tokens", "16384", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 400
+        while True:
+            assert proc.poll() is None, f"server exited early, see {log.name}"
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert time.time() < deadline, "server did not start"
+            time.sleep(2)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+def test_stats_fields(server):
+    stats = requests.get(server + "/dkv/stats", timeout=30).json()
+    for key in ("policy", "budget", "num_layers", "pool_rows_total", "pool_rows_free", "requests_compressed", "recent"):
+        assert key in stats
+    assert stats["policy"] == "dynamickv" and stats["budget"] == BUDGET and stats["num_layers"] == TINY_LAYERS
+
+
+def test_rows_are_freed_while_the_request_runs(server, prompts):
+    L = TINY_LAYERS
+    idle = requests.get(server + "/dkv/stats", timeout=30).json()
+    assert idle["pool_rows_free"] == idle["pool_rows_total"]
+    prompt = prompts[0]
+    body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0,
+                                                      "ignore_eos": True}, "stream": True}
+    seen = None
+    with requests.post(server + "/generate", json=body, stream=True, timeout=300) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith(b"data:") and seen is None:
+                seen = requests.get(server + "/dkv/stats", timeout=30).json()
+    mine = seen["recent"][-1]
+    assert mine["prompt_tokens"] == len(prompt)
+    kept = sum(mine["kept_per_layer"])
+    assert kept == BUDGET * L
+    # In flight: the pool holds the kept rows plus L rows per generated token, nothing else.
+    held = idle["pool_rows_total"] - seen["pool_rows_free"] - kept
+    assert held % L == 0 and 0 <= held // L <= MAX_NEW, (held, L)
+    after = requests.get(server + "/dkv/stats", timeout=30).json()
+    assert after["pool_rows_free"] == after["pool_rows_total"]
+
+
+def test_openai_chat_route_works(server):
+    body = {"model": "default", "messages": [{"role": "user", "content": "Say hello. " * 40}],
+            "max_tokens": 8, "temperature": 0}
+    r = requests.post(server + "/v1/chat/completions", json=body, timeout=120)
+    assert r.status_code == 200
+    out = r.json()
+    assert out["choices"][0]["message"]["content"] is not None
+    assert out["usage"]["prompt_tokens"] > BUDGET
+    assert requests.get(server + "/dkv/stats", timeout=30).json()["requests_compressed"] >= 2
+
+
+def test_bad_request_is_a_400(server):
+    r = requests.post(server + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": -3}}, timeout=60)
+    assert r.status_code == 400 and r.text
