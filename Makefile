@@ -3,7 +3,6 @@ PY := .venv/bin/python
 MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
-STAMP := $(wildcard .venv/.dkv-setup-*)
 
 .PHONY: setup serve test test-fast lint clean
 
