@@ -17,8 +17,8 @@ _DEFAULTS = PolicyConfig()
 # flag -> (PolicyConfig field, type, help)
 FLAGS = {
     "--kv-policy": ("policy", str, f"KV policy: {', '.join(POLICIES)} (full = vanilla SGLang)"),
-    "--kv-budget": ("budget", int, "average KV rows kept per layer per request, window included; "
-                    "prompts of at most this many tokens are not compressed"),
+    "--kv-budget": ("budget", int, ("average KV rows kept per layer per request, window included; "
+                                    "prompts of at most this many tokens are not compressed")),
     "--kv-window": ("window", int, "observation window ws: last prompt tokens whose queries score the rest"),
     "--kv-kernel": ("kernel", int, "1-D pooling kernel over the scores (odd)"),
     "--kv-pooling": ("pooling", str, f"pooling type: {', '.join(POOLINGS)}"),
@@ -43,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _convert(flag: str, raw: str):
-    field, typ, _ = FLAGS[flag]
+    _, typ, _ = FLAGS[flag]
     if typ is int:
         try:
             return int(raw)

@@ -10,7 +10,7 @@ _OUR_KEYS = {flag[2:].replace("-", "_") for flag in FLAGS}
 
 on_cpu = machine.prepare()
 
-from sglang.srt.entrypoints.engine import Engine as _SGLangEngine  # noqa: E402  (after the CPU switch)
+from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 
 class Engine(_SGLangEngine):

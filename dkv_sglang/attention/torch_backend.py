@@ -8,7 +8,6 @@ also records the observation window's scores for the policy.
 
 from __future__ import annotations
 
-import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
@@ -46,12 +45,16 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             .movedim(1, 0)
         )
 
-    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+    def _store_and_shape(self, q, k, v, layer, forward_batch, save_kv_cache):
+        """Write this step's K/V, then return q as [T, Hq, D] and an empty output [T, Hq, Dv]."""
         self._check_layer(layer)
         if save_kv_cache and k is not None and v is not None:
             self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc), k, v)
-        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o = q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        return q_, q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
         req_to_token = self.req_to_token_pool.req_to_token
         seq_lens = forward_batch.seq_lens.tolist()
         prefix_lens = forward_batch.extend_prefix_lens.tolist()
@@ -79,11 +82,7 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
-        self._check_layer(layer)
-        if save_kv_cache and k is not None and v is not None:
-            self.pool.set_kv_buffer(layer, KVWriteLoc(forward_batch.out_cache_loc), k, v)
-        q_ = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
-        o = q.new_empty((q_.shape[0], layer.tp_q_head_num, layer.v_head_dim))
+        q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
         req_to_token = self.req_to_token_pool.req_to_token
         for i, (rpi, seq_len) in enumerate(zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist())):
             keys, values = self.pool.gather(layer.layer_id, req_to_token[rpi, :seq_len])

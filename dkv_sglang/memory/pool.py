@@ -10,7 +10,6 @@ row a policy drops raises ``available_size()`` and the scheduler admits more.
 from __future__ import annotations
 
 import collections
-from typing import Optional
 
 import torch
 from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
@@ -35,9 +34,9 @@ class DkvKVPool(KVCache):
         head_dim: int,
         layer_num: int,
         device: str,
-        v_head_dim: Optional[int] = None,
-        start_layer: Optional[int] = None,
-        end_layer: Optional[int] = None,
+        v_head_dim: int | None = None,
+        start_layer: int | None = None,
+        end_layer: int | None = None,
         **_unused,
     ):
         if page_size != 1:

@@ -9,7 +9,7 @@ __all__ = [
     "PolicyConfig",
     "PolicyConfigError",
     "Selection",
-    "select",
     "pool_scores",
+    "select",
     "window_scores",
 ]

@@ -76,5 +76,5 @@ class PolicyConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "PolicyConfig":
+    def from_json(cls, text: str) -> PolicyConfig:
         return cls(**json.loads(text))

@@ -21,8 +21,8 @@ Our changes to the reference, each deliberate:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 

@@ -53,4 +53,4 @@ def run_engine(model: str, prompts, vanilla: bool = False, **dkv_options):
         engine.shutdown()
 
 
-__all__ = ["TINY_LAYERS", "run_engine", "SAMPLING", "ENGINE_ARGS"]
+__all__ = ["ENGINE_ARGS", "SAMPLING", "TINY_LAYERS", "run_engine"]

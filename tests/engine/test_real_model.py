@@ -37,8 +37,9 @@ def haystack_prompt(tokenizer) -> str:
 
 @pytest.fixture(scope="module")
 def runs():
-    import dkv_sglang
     from transformers import AutoTokenizer
+
+    import dkv_sglang
 
     model = str(smollm2())
     prompt = haystack_prompt(AutoTokenizer.from_pretrained(model))
