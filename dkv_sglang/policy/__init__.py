@@ -1,8 +1,24 @@
 """KV policies: pure torch, no SGLang import (tests prove it), usable on their own."""
 
 from .config import POLICIES, PolicyConfig, PolicyConfigError
-from .dynamickv import Selection, select
+from .dynamickv import Selection
+from .dynamickv import select as select_dynamickv
 from .scoring import pool_scores, window_scores
+
+
+
+def select(layer_scores, prompt_len: int, config: PolicyConfig) -> Selection | None:
+    """The rows ``config.policy`` keeps for one request (None: keep everything)."""
+    from . import baselines
+
+    chooser = {
+        "dynamickv": select_dynamickv,
+        "snapkv": baselines.select_snapkv,
+        "pyramidkv": baselines.select_pyramidkv,
+        "streamingllm": baselines.select_streamingllm,
+    }[config.policy]
+    return chooser(layer_scores, prompt_len, config)
+
 
 __all__ = [
     "POLICIES",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
-POLICIES = ("full", "dynamickv")
+POLICIES = ("full", "dynamickv", "snapkv", "pyramidkv", "streamingllm")
 POOLINGS = ("avg", "max")
 
 

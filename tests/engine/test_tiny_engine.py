@@ -68,3 +68,25 @@ def test_batched_requests_get_their_own_budgets(dkv_small):
     alone = {r["prompt_tokens"]: r["kept_per_layer"] for r in dkv_small["stats"]["recent"][len(batched):]}
     assert batched == alone
     assert len({tuple(v) for v in batched.values()}) == len(batched), "each request its own shape"
+
+
+@pytest.fixture(scope="module", params=["snapkv", "pyramidkv", "streamingllm"])
+def baseline_small(request, tiny_model, prompts):
+    return request.param, run_engine(tiny_model, prompts, kv_policy=request.param, kv_budget=SMALL)
+
+
+def test_baselines_serve_with_exact_accounting_and_batching(baseline_small, full):
+    policy, run = baseline_small
+    stats = run["stats"]
+    L = TINY_LAYERS
+    assert stats["policy"] == policy
+    for r in stats["recent"]:
+        assert sum(r["kept_per_layer"]) == SMALL * L
+        assert r["rows_freed"] == r["prompt_tokens"] * L - SMALL * L
+    if policy != "pyramidkv":
+        assert all(r["kept_per_layer"] == [SMALL] * L for r in stats["recent"]), "uniform budgets"
+    else:
+        assert all(r["kept_per_layer"] == sorted(r["kept_per_layer"], reverse=True) for r in stats["recent"])
+    assert stats["pool_rows_free"] == stats["pool_rows_total"]
+    assert run["batched"] == run["alone"]
+    assert run["alone"] != full["alone"]
