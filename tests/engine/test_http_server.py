@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -17,7 +18,7 @@ from .conftest import TINY_LAYERS
 pytestmark = pytest.mark.engine
 
 BUDGET = 32
-MAX_NEW = 48
+MAX_NEW = 400
 
 
 def _free_port() -> int:
@@ -69,13 +70,20 @@ def test_rows_are_freed_while_the_request_runs(server, prompts):
     assert idle["pool_rows_free"] == idle["pool_rows_total"]
     prompt = prompts[0]
     body = {"input_ids": prompt, "sampling_params": {"max_new_tokens": MAX_NEW, "temperature": 0,
-                                                      "ignore_eos": True}, "stream": True}
+                                                      "ignore_eos": True}}
+    result = {}
+    worker = threading.Thread(target=lambda: result.update(r=requests.post(server + "/generate", json=body, timeout=300)))
+    worker.start()
     seen = None
-    with requests.post(server + "/generate", json=body, stream=True, timeout=300) as r:
-        assert r.status_code == 200
-        for line in r.iter_lines():
-            if line.startswith(b"data:") and seen is None:
-                seen = requests.get(server + "/dkv/stats", timeout=30).json()
+    while worker.is_alive():  # poll until the request is compressed and still decoding
+        stats = requests.get(server + "/dkv/stats", timeout=30).json()
+        if stats["requests_compressed"] > idle["requests_compressed"] and stats["pool_rows_free"] < stats["pool_rows_total"]:
+            seen = stats
+            break
+        time.sleep(0.02)
+    worker.join()
+    assert result["r"].status_code == 200
+    assert seen is not None, "the request ended before a stats poll caught it in flight"
     mine = seen["recent"][-1]
     assert mine["prompt_tokens"] == len(prompt)
     kept = sum(mine["kept_per_layer"])
