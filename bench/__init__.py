@@ -1,0 +1,1 @@
+"""Benchmarks (quality: issue 4, throughput: issue 5). Nothing here yet."""
