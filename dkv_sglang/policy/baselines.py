@@ -15,24 +15,18 @@ from typing import Sequence
 import torch
 
 from .config import PolicyConfig
-from .dynamickv import Selection, fill_surplus
+from .dynamickv import Selection, fill_surplus, with_window
 from .scoring import pool_scores
 
 SINKS = 4
 PYRAMID_BETA = 20  # PyramidKV: the top layer keeps base / beta rows
 
 
-def _with_window(prefix_pos: torch.Tensor, n: int, window: int) -> torch.Tensor:
-    heads = prefix_pos.shape[0]
-    win = torch.arange(n - window, n).expand(heads, window)
-    return torch.cat([prefix_pos, win], dim=1).sort(dim=1).values
-
-
 def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig) -> Selection:
     kept = []
     for scores, k in zip(layer_scores, counts):
         pooled = pool_scores(scores.float().cpu(), cfg.kernel, cfg.pooling)
-        kept.append(_with_window(pooled.topk(k, dim=-1).indices, n, cfg.window))
+        kept.append(with_window(pooled.topk(k, dim=-1).indices, n, cfg.window))
     return Selection(prompt_len=n, kept=kept)
 
 

@@ -51,6 +51,12 @@ class Selection:
         return mask
 
 
+def with_window(prefix_pos: torch.Tensor, n: int, window: int) -> torch.Tensor:
+    """[H, k] prefix positions plus the window's, ascending: what one layer keeps."""
+    win = torch.arange(n - window, n).expand(prefix_pos.shape[0], window)
+    return torch.cat([prefix_pos, win], dim=1).sort(dim=1).values
+
+
 def update_points(num_layers: int, interval: int) -> list[int]:
     """Layers after which budgets are re-decided: every ``interval`` layers, and the last."""
     pts = [l for l in range(num_layers) if l % interval == interval - 1]
@@ -131,7 +137,5 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
             held[layer] = min(held[layer], budgets[layer])
 
     counts = fill_surplus(held, budgets, bs, cfg.base * num_layers) if cfg.fill_surplus else held
-    heads = order.shape[1]
-    window = torch.arange(prefix, n).expand(heads, ws)
-    kept = [torch.cat([order[l, :, : counts[l]], window], dim=1).sort(dim=1).values for l in range(num_layers)]
+    kept = [with_window(order[layer, :, : counts[layer]], n, ws) for layer in range(num_layers)]
     return Selection(prompt_len=n, kept=kept)
