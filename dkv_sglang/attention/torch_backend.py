@@ -2,8 +2,8 @@
 
 It computes what SGLang's ``torch_native`` backend computes, with the same SDPA call on the
 same key order, but reads each layer's keys through the row table: after compression a
-layer attends to exactly the rows it kept. During a prefill that reaches past the budget it
-also records the observation window's scores for the policy.
+layer attends to exactly the rows it kept. During a prefill longer than the window it also
+records the observation window's scores for the policy.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             q_full[:, prefix_len:, :] = q_req
             out = self._attend(q_full, keys, values, layer, causal=True)
             o[start:end] = out[prefix_len:]
-            if seq_len > self.config.budget:
+            # Any request may choose its own budget, so score every prompt past the window.
+            if seq_len > self.config.window:
                 w = min(self.config.window, ext_len)
                 prefix = seq_len - self.config.window
                 scores = window_scores(q_[end - w : end], keys, layer.scaling)[:, :prefix]

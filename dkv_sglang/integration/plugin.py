@@ -1,7 +1,7 @@
 """The SGLang plugin (entry point ``sglang.srt.plugins: dkv``), run in every SGLang process.
 
 With ``--kv-policy full`` (the default) it only adds the ``dkv`` stats to the scheduler's
-internal state: serving is vanilla SGLang. With a compressing policy it swaps in the dkv pool
+internal state and checks requests' ``kv_*`` custom params: serving is vanilla SGLang. With a compressing policy it swaps in the dkv pool
 and allocator, the dkv torch attention backend under the ``torch_native`` name, and the
 compression step after each prefill batch.
 """
@@ -19,6 +19,7 @@ _PREFILL_RESULT = (
     "sglang.srt.managers.scheduler_components.batch_result_processor."
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
 )
+_VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -30,6 +31,7 @@ def register() -> None:
 
     config = settings.current()
     HookRegistry.register(_INTERNAL_STATE, _with_dkv_stats, HookType.AROUND)
+    HookRegistry.register(_VERIFY, _verify_kv_params, HookType.AFTER)
     if not config.compresses:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
@@ -89,6 +91,14 @@ def _compress_after_prefill(original, processor, batch, result):
     out = original(processor, batch, result)
     compress_batch(batch, settings.current())
     return out
+
+
+def _verify_kv_params(result, sampling_params, *args, **kwargs):
+    """Refuse a request whose ``custom_params`` ask for a policy this server cannot run
+    (a ValueError here is SGLang's HTTP 400 with the message)."""
+    from ..policy.request import for_request
+
+    for_request(settings.current(), sampling_params.custom_params)
 
 
 def _with_dkv_stats(original, controller, recv_req):

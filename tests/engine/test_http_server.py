@@ -109,3 +109,29 @@ def test_openai_chat_route_works(server):
 def test_bad_request_is_a_400(server):
     r = requests.post(server + "/generate", json={"text": "hi", "sampling_params": {"max_new_tokens": -3}}, timeout=60)
     assert r.status_code == 400 and r.text
+
+
+@pytest.mark.parametrize(
+    "custom, reason",
+    [
+        ({"kv_budget": 0}, "custom_params.kv_budget"),
+        ({"kv_budget": "64"}, "custom_params.kv_budget"),
+        ({"kv_policy": "h2o"}, "custom_params.kv_policy"),
+        ({"kv_windw": 4}, "custom_params.kv_windw"),
+    ],
+)
+def test_bad_kv_custom_params_are_a_400_with_the_reason(server, custom, reason):
+    body = {"text": "hi " * 50, "sampling_params": {"max_new_tokens": 4, "custom_params": custom}}
+    r = requests.post(server + "/generate", json=body, timeout=60)
+    assert r.status_code == 400 and reason in r.text
+
+
+def test_openai_route_takes_a_per_request_policy(server):
+    before = requests.get(server + "/dkv/stats", timeout=30).json()["requests_compressed"]
+    body = {"model": "default", "prompt": "count with me " * 30, "max_tokens": 4, "temperature": 0,
+            "custom_params": {"kv_policy": "streamingllm", "kv_budget": 16}}
+    r = requests.post(server + "/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    stats = requests.get(server + "/dkv/stats", timeout=30).json()
+    assert stats["requests_compressed"] == before + 1
+    assert stats["recent"][-1]["kept_per_layer"] == [16] * TINY_LAYERS

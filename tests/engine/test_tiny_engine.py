@@ -90,3 +90,37 @@ def test_baselines_serve_with_exact_accounting_and_batching(baseline_small, full
     assert stats["pool_rows_free"] == stats["pool_rows_total"]
     assert run["batched"] == run["alone"]
     assert run["alone"] != full["alone"]
+
+
+# One batch, four requests, each with its own policy through custom_params.
+OVERRIDES = [{"kv_policy": "full"}, {}, {"kv_policy": "snapkv", "kv_budget": 48}, {"kv_budget": 16}]
+
+
+@pytest.fixture(scope="module")
+def per_request(tiny_model, prompts):
+    import dkv_sglang
+
+    from .conftest import ENGINE_ARGS, SAMPLING
+
+    engine = dkv_sglang.Engine(model_path=tiny_model, kv_policy="dynamickv", kv_budget=SMALL, **ENGINE_ARGS)
+    try:
+        params = [{**SAMPLING, "custom_params": o} for o in OVERRIDES]
+        outputs = engine.generate(input_ids=prompts, sampling_params=params)
+        stats = engine.dkv_stats()
+        with pytest.raises(ValueError, match="custom_params.kv_budget"):
+            engine.generate(input_ids=prompts[0], sampling_params={**SAMPLING, "custom_params": {"kv_budget": 0}})
+        return [o["output_ids"] for o in outputs], [o["meta_info"]["id"] for o in outputs], stats
+    finally:
+        engine.shutdown()
+
+
+def test_each_request_runs_its_own_policy_in_one_batch(per_request, full, dkv_small):
+    outputs, rids, stats = per_request
+    kept = {r["rid"]: r["kept_per_layer"] for r in stats["recent"]}
+    L = TINY_LAYERS
+    assert rids[0] not in kept and outputs[0] == full["alone"][0]  # full: nothing dropped
+    assert outputs[1] == dkv_small["alone"][1]  # the server's default
+    assert sum(kept[rids[1]]) == SMALL * L
+    assert kept[rids[2]] == [48] * L  # snapkv: uniform
+    assert sum(kept[rids[3]]) == 16 * L and len(set(kept[rids[3]])) > 1  # dynamickv at 16
+    assert stats["pool_rows_free"] == stats["pool_rows_total"]

@@ -1,0 +1,45 @@
+import pytest
+
+from dkv_sglang.policy import PolicyConfig, PolicyConfigError
+from dkv_sglang.policy.request import for_request
+
+SERVER = PolicyConfig(policy="dynamickv", budget=128, window=8)
+
+
+def test_no_override_is_the_server_config():
+    assert for_request(SERVER, None) is SERVER
+    assert for_request(SERVER, {}) is SERVER
+    assert for_request(SERVER, {"thinking_budget": 5}) is SERVER  # other keys are not ours
+
+
+def test_override_changes_policy_and_budget_only():
+    cfg = for_request(SERVER, {"kv_policy": "snapkv", "kv_budget": 32})
+    assert (cfg.policy, cfg.budget, cfg.window, cfg.rmax) == ("snapkv", 32, 8, SERVER.rmax)
+    assert for_request(SERVER, {"kv_policy": "full"}).compresses is False
+
+
+@pytest.mark.parametrize(
+    "params, key",
+    [
+        ({"kv_policy": "h2o"}, "custom_params.kv_policy"),
+        ({"kv_budget": 0}, "custom_params.kv_budget"),
+        ({"kv_budget": -5}, "custom_params.kv_budget"),
+        ({"kv_budget": 8}, "custom_params.kv_budget"),  # window + 1 is the least
+        ({"kv_budget": 12.5}, "custom_params.kv_budget"),
+        ({"kv_budget": "64"}, "custom_params.kv_budget"),
+        ({"kv_budget": True}, "custom_params.kv_budget"),
+        ({"kv_window": 4}, "custom_params.kv_window"),
+        ([1, 2], "custom_params"),
+    ],
+)
+def test_bad_overrides_name_their_key(params, key):
+    with pytest.raises(PolicyConfigError) as e:
+        for_request(SERVER, params)
+    assert e.value.flag == key
+
+
+def test_a_full_server_cannot_compress_one_request():
+    full = PolicyConfig()
+    assert for_request(full, {"kv_policy": "full", "kv_budget": 64}).compresses is False
+    with pytest.raises(PolicyConfigError, match="--kv-policy full"):
+        for_request(full, {"kv_policy": "dynamickv"})
