@@ -3,16 +3,21 @@
 from .config import POLICIES, PolicyConfig, PolicyConfigError
 from .dynamickv import Selection
 from .dynamickv import select as select_dynamickv
+from .reduce import LOCAL
 from .scoring import pool_scores, window_scores
 
 
+def select(layer_scores, prompt_len: int, config: PolicyConfig, reducer=LOCAL) -> Selection | None:
+    """The rows ``config.policy`` keeps for one request (None: keep everything).
 
-def select(layer_scores, prompt_len: int, config: PolicyConfig) -> Selection | None:
-    """The rows ``config.policy`` keeps for one request (None: keep everything)."""
+    ``reducer`` is the tensor-parallel group when ``layer_scores`` hold one rank's heads; only
+    DynamicKV's budgets depend on other heads (the baselines' budgets are per layer).
+    """
     from . import baselines
 
+    if config.policy == "dynamickv":
+        return select_dynamickv(layer_scores, prompt_len, config, reducer)
     chooser = {
-        "dynamickv": select_dynamickv,
         "snapkv": baselines.select_snapkv,
         "pyramidkv": baselines.select_pyramidkv,
         "streamingllm": baselines.select_streamingllm,

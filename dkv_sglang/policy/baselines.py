@@ -10,7 +10,7 @@ Every policy keeps, per request, ``budget`` rows per layer on average, window in
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PolicyConfig
+from .reduce import LOCAL
 from .scoring import pool_scores
 
 
@@ -65,7 +66,14 @@ def update_points(num_layers: int, interval: int) -> list[int]:
     return pts
 
 
-def update_budgets(held_scores: torch.Tensor, held: Sequence[int], base: int, num_layers: int, cap: int) -> list[int]:
+def update_budgets(
+    held_scores: torch.Tensor,
+    held: Sequence[int],
+    base: int,
+    num_layers: int,
+    cap: int,
+    reducer=LOCAL,
+) -> list[int]:
     """One budget update over the layers seen so far.
 
     Args:
@@ -75,20 +83,35 @@ def update_budgets(held_scores: torch.Tensor, held: Sequence[int], base: int, nu
         base:        budget per layer besides the window.
         num_layers:  L, all layers of the model (the budgets of the seen layers sum to base*L).
         cap:         n - ws, the most prefix rows a layer can keep.
+        reducer:     the tensor-parallel group (:mod:`.reduce`); ``H`` is then this rank's
+                     share of the heads, and the top-k runs over all ranks' heads.
 
     Returns:
         budget per seen layer: base*L*c_l/sum(c) floored, c_l = winners_l // L', the
-        remainder to the last seen layer, then capped at ``cap``.
+        remainder to the last seen layer, then capped at ``cap``. The global top-k
+        (k = base * all heads * L') is exact: rows tying its k-th score count for the
+        earliest layers first.
     """
     lp, h, bs = held_scores.shape
     masked = held_scores.clone()
     col = torch.arange(bs)
     for layer in range(lp):
         masked[layer, :, col >= held[layer]] = float("-inf")
-    k = base * h * lp
-    top = masked.reshape(-1).topk(k)
-    winners = top.indices[torch.isfinite(top.values)]
-    counts = torch.bincount(winners // (h * bs), minlength=lp)
+    k = base * h * reducer.world * lp
+    flat = masked.reshape(-1)
+    best = reducer.gather(flat.topk(min(k, flat.numel())).values)
+    kth = best.topk(min(k, best.numel())).values[-1]
+    if torch.isfinite(kth):
+        counts = reducer.sum((masked > kth).sum(dim=(1, 2)))
+        # rows tying the k-th score fill the rest, earlier layers first
+        ties = reducer.sum((masked == kth).sum(dim=(1, 2)))
+        left = k - int(counts.sum())
+        for layer in range(lp):
+            take = min(left, int(ties[layer]))
+            counts[layer] += take
+            left -= take
+    else:  # fewer than k rows held: every held row wins
+        counts = reducer.sum(torch.isfinite(masked).sum(dim=(1, 2)))
     c = counts // lp
     total = base * num_layers
     if int(c.sum()) == 0:
@@ -112,12 +135,13 @@ def fill_surplus(kept: Sequence[int], budgets: Sequence[int], limit: int, total:
     return out
 
 
-def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyConfig) -> Selection | None:
+def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
     """DynamicKV's kept rows for one request, or None when the prompt fits the budget.
 
     Args:
         layer_scores: per layer, [H, n - ws] window scores (unpooled) of the prefix tokens.
         prompt_len:   n.
+        reducer:      the tensor-parallel group when ``H`` is one rank's share of the heads.
     """
     n, ws = prompt_len, cfg.window
     if n <= cfg.budget:
@@ -126,13 +150,14 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     prefix = n - ws
     pooled = torch.stack([pool_scores(s.float().cpu(), cfg.kernel, cfg.pooling) for s in layer_scores])
     bs = min(cfg.rmax * cfg.base, prefix)
-    held_scores, order = pooled.topk(bs, dim=-1)  # [L, H, bs], sorted descending
+    # [L, H, bs] best first; ties (max pooling makes plateaus) keep the earlier position first
+    held_scores, order = (t[..., :bs] for t in pooled.sort(dim=-1, descending=True, stable=True))
 
     held = [bs] * num_layers
     budgets = held
     for point in update_points(num_layers, cfg.update_interval):
         seen = point + 1
-        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix)
+        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix, reducer)
         for layer in range(seen):
             held[layer] = min(held[layer], budgets[layer])
 
