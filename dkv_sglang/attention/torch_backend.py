@@ -2,18 +2,33 @@
 
 It computes what SGLang's ``torch_native`` backend computes, with the same SDPA call on the
 same key order, but reads each layer's keys through the row table: after compression a
-layer attends to exactly the rows it kept. During a prefill longer than the window it also
-records the observation window's scores for the policy.
+layer attends to exactly the rows it kept. During a prefill the policy will cut, it also
+records the observation window's scores; a retracted request's replayed prefill attends
+as its decode steps did (see ``PrefillPlan``).
 """
 
 from __future__ import annotations
 
+import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..memory.pool import DkvKVPool
-from ..policy import PolicyConfig, window_scores
+from ..policy import PolicyConfig, Selection, window_scores
+
+
+def replay_mask(selection: Selection, layer: int, seq_len: int) -> torch.Tensor:
+    """[H, seq_len, seq_len] causal mask of a replayed prefill: queries past the prompt see,
+    of the prompt, only the rows ``selection`` kept in this layer (as they did in decode)."""
+    n = selection.prompt_len
+    pos = torch.arange(seq_len)
+    causal = pos[None, :] <= pos[:, None]
+    kept = torch.ones(selection.kept[layer].shape[0], seq_len, dtype=torch.bool)
+    kept[:, :n] = False
+    kept.scatter_(1, selection.kept[layer].cpu(), True)
+    late = (pos >= n)[None, :, None]
+    return causal[None] & (~late | kept[:, None, :])
 
 
 class DkvTorchAttnBackend(TorchNativeAttnBackend):
@@ -28,15 +43,21 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
         if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):
             raise NotImplementedError("dkv-sglang supports full causal self-attention layers only")
 
-    def _attend(self, q, k, v, layer, causal: bool):
-        """q [Hq, Sq, D] against k/v [Hkv, S, D]: SDPA as SGLang's torch_native calls it."""
+    def _attend(self, q, k, v, layer, causal: bool, mask=None):
+        """q [Hq, Sq, D] against k/v [Hkv, S, D]: SDPA as SGLang's torch_native calls it.
+
+        ``mask`` [Hkv, Sq, S] (True: attend) replaces the causal mask when given.
+        """
         if not (q.dtype == k.dtype == v.dtype):
             k, v = k.to(q.dtype), v.to(q.dtype)
+        if mask is not None:
+            mask = mask.repeat_interleave(layer.tp_q_head_num // layer.tp_k_head_num, dim=0).unsqueeze(0)
         return (
             scaled_dot_product_attention(
                 q.unsqueeze(0),
                 k.unsqueeze(0),
                 v.unsqueeze(0),
+                attn_mask=mask,
                 enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num,
                 scale=layer.scaling,
                 is_causal=causal,
@@ -71,10 +92,14 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             q_req = q_[start:end].movedim(0, 1)
             q_full = q_req.new_empty((q_req.shape[0], seq_len, q_req.shape[2]))
             q_full[:, prefix_len:, :] = q_req
-            out = self._attend(q_full, keys, values, layer, causal=True)
+            plan = self.pool.plan_of(rpi)
+            if plan is not None and plan.replay is not None:
+                mask = replay_mask(plan.replay, layer.layer_id - self.pool.start_layer, seq_len)
+                out = self._attend(q_full, keys, values, layer, causal=False, mask=mask)
+            else:
+                out = self._attend(q_full, keys, values, layer, causal=True)
             o[start:end] = out[prefix_len:]
-            # Any request may choose its own budget, so score every prompt past the window.
-            if seq_len > self.config.window:
+            if self.pool.needs_scores(rpi, seq_len):
                 w = min(self.config.window, ext_len)
                 prefix = seq_len - self.config.window
                 scores = window_scores(q_[end - w : end], keys, layer.scaling)[:, :prefix]

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import logging
 
-from ..memory.pool import DkvAllocator
+import torch
+
+from ..memory.pool import DkvAllocator, PrefillPlan
 from ..policy import PolicyConfig, select
 from ..policy.request import for_request
 
 logger = logging.getLogger(__name__)
+
+# The selection a request made, kept on SGLang's Req so a retracted request replays it.
+REPLAY_ATTR = "dkv_selection"
 
 
 def prefill_is_complete(req, seq_len: int) -> bool:
@@ -39,26 +44,49 @@ def tp_reducer():
     return DistReducer(group.cpu_group) if group.world_size > 1 else LOCAL
 
 
-def compress_batch(batch, config: PolicyConfig) -> None:
+def plan_batch(batch, config: PolicyConfig) -> None:
+    """Before an extend batch runs: tell the pool what each request's prefill does."""
     allocator = batch.token_to_kv_pool_allocator
     if not isinstance(allocator, DkvAllocator):
         return
-    recorded = allocator.get_kvcache().take_scores()
-    if not recorded:
+    pool = allocator.get_kvcache()
+    for req in batch.reqs:
+        plan = PrefillPlan(
+            config=for_request(config, req.sampling_params.custom_params),
+            replay=getattr(req, REPLAY_ATTR, None),
+            prompt_len=len(req.origin_input_ids),
+        )
+        pool.set_plan(req.kv.req_pool_idx, plan)
+
+
+def compress_batch(batch, config: PolicyConfig) -> None:
+    """After an extend batch: cut every request whose prefill is now complete."""
+    allocator = batch.token_to_kv_pool_allocator
+    if not isinstance(allocator, DkvAllocator):
         return
+    pool = allocator.get_kvcache()
+    recorded = pool.take_scores()
     req_to_token = batch.req_to_token_pool.req_to_token
     reducer = tp_reducer()
-    for req in batch.reqs:
-        entry = recorded.get(req.kv.req_pool_idx)
-        if entry is None:
+    for req, seq_len in zip(batch.reqs, batch.seq_lens_cpu.tolist()):
+        rpi = req.kv.req_pool_idx
+        plan = pool.plan_of(rpi)
+        if plan is None:
             continue
-        seq_len, scores = entry
-        if not prefill_is_complete(req, seq_len) or any(s is None for s in scores):
+        if not prefill_is_complete(req, seq_len):
             continue
-        request_config = for_request(config, req.sampling_params.custom_params)
-        selection = select(scores, seq_len, request_config, reducer) if request_config.compresses else None
+        pool.end_plan(rpi)
+        if plan.replay is not None:
+            selection = plan.replay
+        elif plan.chooses(seq_len) and rpi in recorded and recorded[rpi][0] == seq_len:
+            selection = select(recorded[rpi][1], seq_len, plan.config, reducer)
+        else:
+            continue
         if selection is None:
             continue
-        vids = req_to_token[req.kv.req_pool_idx, :seq_len].to(int)
-        freed = allocator.compress(req.rid, vids, selection.keep_mask(), selection.kept_per_layer)
+        vids = req_to_token[rpi, :seq_len].to(int)
+        keep = torch.ones(allocator.table.num_layers, allocator.table.num_heads, seq_len, dtype=torch.bool)
+        keep[:, :, : selection.prompt_len] = selection.keep_mask()
+        freed = allocator.compress(req.rid, vids, keep, selection, replayed=plan.replay is not None)
+        setattr(req, REPLAY_ATTR, selection)
         logger.debug("dkv: %s kept %s of %d tokens, freed %d rows", req.rid, selection.kept_per_layer, seq_len, freed)

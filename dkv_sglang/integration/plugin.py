@@ -20,6 +20,8 @@ _PREFILL_RESULT = (
     "SchedulerBatchResultProcessor.process_batch_result_prefill"
 )
 _VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
+_BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
+_ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -32,12 +34,16 @@ def register() -> None:
     config = settings.current()
     HookRegistry.register(_INTERNAL_STATE, _with_dkv_stats, HookType.AROUND)
     HookRegistry.register(_VERIFY, _verify_kv_params, HookType.AFTER)
+    HookRegistry.register(f"{_BATCH}.prepare_for_decode", _count_running, HookType.AFTER)
+    HookRegistry.register(f"{_BATCH}.retract_decode", _count_retracted, HookType.AFTER)
     if not config.compresses:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
 
     HookRegistry.register(f"{_CONFIGURATOR}._build_mha_kv_pool", _build_pool, HookType.AROUND)
     HookRegistry.register(f"{_CONFIGURATOR}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND)
+    HookRegistry.register(f"{_BATCH}.prepare_for_extend", _plan_prefill, HookType.AFTER)
+    HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     logger.info("dkv-sglang: %s", config)
@@ -83,6 +89,33 @@ def _build_allocator(original, configurator, *, sizes, token_to_kv_pool, **kwarg
         kvcache=token_to_kv_pool,
         need_sort=False,
     )
+
+
+def _plan_prefill(result, batch):
+    from .compressor import plan_batch
+
+    plan_batch(batch, settings.current())
+
+
+def _reopen_admission(scheduler, running_batch, *args, **kwargs):
+    """Rows freed by compression count like a request leaving: admission looks again."""
+    allocator = scheduler.token_to_kv_pool_allocator
+    if getattr(allocator, "freed_since_admission", False):
+        allocator.freed_since_admission = False
+        running_batch.batch_is_full = False
+
+
+def _count_running(result, batch):
+    from .stats import COUNTERS
+
+    COUNTERS.peak_running = max(COUNTERS.peak_running, len(batch.reqs))
+
+
+def _count_retracted(result, batch):
+    from .stats import COUNTERS
+
+    COUNTERS.retracted += len(result[0])
+    return result
 
 
 def _compress_after_prefill(original, processor, batch, result):

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from ..policy import PolicyConfig
+
+
+@dataclass
+class Counters:
+    """Scheduler-side counts since start (this process)."""
+
+    peak_running: int = 0  # most requests in one decode batch
+    retracted: int = 0  # requests retracted under memory pressure
+
+
+COUNTERS = Counters()
 
 
 def dkv_stats(scheduler, config: PolicyConfig) -> dict:
@@ -12,6 +23,11 @@ def dkv_stats(scheduler, config: PolicyConfig) -> dict:
 
     allocator = scheduler.token_to_kv_pool_allocator
     out = {"policy": config.policy, "budget": config.budget, "config": asdict(config)}
+    out.update(
+        running_requests=len(scheduler.running_batch.reqs),
+        peak_running_requests=COUNTERS.peak_running,
+        retracted_requests=COUNTERS.retracted,
+    )
     if isinstance(allocator, DkvAllocator):
         out.update(allocator.stats())
     else:  # vanilla SGLang: every token holds a row in every layer

@@ -10,16 +10,37 @@ row a policy drops raises ``available_size()`` and the scheduler admits more.
 from __future__ import annotations
 
 import collections
+from dataclasses import dataclass
 
 import torch
 from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
+from ..policy import PolicyConfig, Selection
 from .row_table import RowTable
 
 # Token ids alive at once, per token of capacity: compressed requests keep their ids.
 IDS_PER_TOKEN = 8
 RECENT_REQUESTS = 256
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    """One request's prefill: the policy it runs, and the rows it keeps when it is replayed.
+
+    A request retracted after compression is prefilled again over its prompt and the tokens
+    it had generated; ``replay`` is the selection made the first time. Its prompt rows are cut
+    to that selection again, and its generated tokens attend only to those rows (as they did
+    in decode), so the request continues exactly as if it had never been retracted.
+    """
+
+    config: PolicyConfig
+    replay: Selection | None = None
+    prompt_len: int = 0  # the request's own prompt (without generated tokens)
+
+    def chooses(self, seq_len: int) -> bool:
+        """Whether the policy runs on this prefill (a replay reuses its selection)."""
+        return self.config.compresses and self.prompt_len > self.config.budget and seq_len == self.prompt_len
 
 
 class DkvKVPool(KVCache):
@@ -50,6 +71,8 @@ class DkvKVPool(KVCache):
         self.k_rows = torch.zeros(rows, self.head_dim, dtype=self.store_dtype, device=device)
         self.v_rows = torch.zeros(rows, self.v_head_dim, dtype=self.store_dtype, device=device)
         self.mem_usage = sum(self.get_kv_size_bytes()) / (1 << 30)
+        # What each request slot's prefill does, set when its extend batch is formed.
+        self._plans: dict[int, PrefillPlan] = {}
         # Window scores recorded by the attention backend during a prefill, per request slot:
         # {req_pool_idx: (seq_len, [per-layer [H, n - w] tensor])}; taken by the compressor.
         self._scores: dict[int, tuple[int, list]] = {}
@@ -88,6 +111,21 @@ class DkvKVPool(KVCache):
         rows = self.table.kept_rows(layer_id - self.start_layer, vids)
         return self.k_rows[rows], self.v_rows[rows]
 
+    # -- prefill plans, from the scheduler to the attention backend and the compressor --------
+    def set_plan(self, req_pool_idx: int, plan: PrefillPlan) -> None:
+        self._plans[req_pool_idx] = plan
+
+    def plan_of(self, req_pool_idx: int) -> PrefillPlan | None:
+        return self._plans.get(req_pool_idx)
+
+    def end_plan(self, req_pool_idx: int) -> None:
+        self._plans.pop(req_pool_idx, None)
+
+    def needs_scores(self, req_pool_idx: int, seq_len: int) -> bool:
+        """Whether the backend must record window scores for this prefill."""
+        plan = self._plans.get(req_pool_idx)
+        return plan is not None and plan.replay is None and plan.chooses(seq_len)
+
     # -- window scores, from the attention backend to the compressor --------------------------
     def record_scores(self, req_pool_idx: int, seq_len: int, layer_id: int, scores: torch.Tensor) -> None:
         entry = self._scores.get(req_pool_idx)
@@ -110,6 +148,9 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
         self.release_pages = torch.empty((0,), dtype=torch.int64, device=device)
         self.requests_compressed = 0
         self.recent = collections.deque(maxlen=RECENT_REQUESTS)
+        # Set when compression frees rows: the scheduler's admission, which stops trying once
+        # a request did not fit ("batch is full") until a request leaves, must look again.
+        self.freed_since_admission = False
 
     @property
     def free_pages(self):
@@ -143,15 +184,23 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
         self.free(page_ids)
 
     # -- compression -----------------------------------------------------------------------------
-    def compress(self, rid: str, vids: torch.Tensor, keep: torch.Tensor, kept_per_layer: list[int]) -> int:
-        """Drop the head-rows of ``vids`` that ``keep`` [L, H, n] does not keep; record it.
+    def compress(self, rid: str, vids: torch.Tensor, keep: torch.Tensor, selection: Selection, replayed: bool) -> int:
+        """Drop the head-rows of ``vids`` that ``keep`` [L, H, len(vids)] does not keep; record
+        it (``replayed``: a retracted request cut again to its first selection).
 
         Returns the layer-rows freed.
         """
         freed = self.table.drop(vids, keep) // self.table.num_heads
         self.requests_compressed += 1
+        self.freed_since_admission = self.freed_since_admission or freed > 0
         self.recent.append(
-            {"rid": rid, "prompt_tokens": int(vids.numel()), "kept_per_layer": kept_per_layer, "rows_freed": freed}
+            {
+                "rid": rid,
+                "prompt_tokens": selection.prompt_len,
+                "kept_per_layer": selection.kept_per_layer,
+                "rows_freed": freed,
+                "replayed": replayed,
+            }
         )
         return freed
 

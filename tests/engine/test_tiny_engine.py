@@ -107,15 +107,20 @@ def per_request(tiny_model, prompts):
         params = [{**SAMPLING, "custom_params": o} for o in OVERRIDES]
         outputs = engine.generate(input_ids=prompts, sampling_params=params)
         stats = engine.dkv_stats()
+        large = {
+            policy: [o["output_ids"] for o in engine.generate(input_ids=prompts, sampling_params={
+                **SAMPLING, "custom_params": {"kv_policy": policy, "kv_budget": max(PROMPT_LENGTHS)}})]
+            for policy in ("snapkv", "pyramidkv", "streamingllm")
+        }
         with pytest.raises(ValueError, match="custom_params.kv_budget"):
             engine.generate(input_ids=prompts[0], sampling_params={**SAMPLING, "custom_params": {"kv_budget": 0}})
-        return [o["output_ids"] for o in outputs], [o["meta_info"]["id"] for o in outputs], stats
+        return [o["output_ids"] for o in outputs], [o["meta_info"]["id"] for o in outputs], stats, large
     finally:
         engine.shutdown()
 
 
 def test_each_request_runs_its_own_policy_in_one_batch(per_request, full, dkv_small):
-    outputs, rids, stats = per_request
+    outputs, rids, stats, _ = per_request
     kept = {r["rid"]: r["kept_per_layer"] for r in stats["recent"]}
     L = TINY_LAYERS
     assert rids[0] not in kept and outputs[0] == full["alone"][0]  # full: nothing dropped
@@ -124,3 +129,8 @@ def test_each_request_runs_its_own_policy_in_one_batch(per_request, full, dkv_sm
     assert kept[rids[2]] == [48] * L  # snapkv: uniform
     assert sum(kept[rids[3]]) == 16 * L and len(set(kept[rids[3]])) > 1  # dynamickv at 16
     assert stats["pool_rows_free"] == stats["pool_rows_total"]
+
+
+def test_every_policy_with_budget_over_prompt_equals_full(per_request, full):
+    for policy, outputs in per_request[3].items():
+        assert outputs == full["batched"], policy
