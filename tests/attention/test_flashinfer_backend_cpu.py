@@ -1,0 +1,215 @@
+"""The FlashInfer backend's metadata, run on CPU with the torch paged kernels, against the torch
+backend (decode, prefill with recorded window scores, chunked prefill) and a direct per-request
+SDPA (extend over a compressed prefix, which the torch backend refuses). Real SGLang pool
+classes and layers, no engine: seconds."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+from dkv_sglang import machine
+
+machine.prepare()
+
+from types import SimpleNamespace
+
+from sglang.srt.layers.radix_attention import RadixAttention
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc, ReqToTokenPool
+from sglang.srt.model_executor.forward_batch_info import ForwardMode
+
+from dkv_sglang.attention.flashinfer_backend import DkvFlashInferAttnBackend, default_to_flashinfer
+from dkv_sglang.attention.paged_reference import TorchPagedKernels
+from dkv_sglang.attention.torch_backend import DkvTorchAttnBackend
+from dkv_sglang.memory.pool import DkvKVPool, PrefillPlan
+from dkv_sglang.policy import PolicyConfig
+
+L, H, D = 3, 2, 16
+
+
+class World:
+    """A dkv pool and request slots with both backends over them."""
+
+    def __init__(self, group: int, seed: int = 0, config: PolicyConfig | None = None):
+        torch.manual_seed(seed)
+        self.hq = H * group
+        self.pool = DkvKVPool(1024, 1, torch.float32, H, D, L, "cpu")
+        self.r2t = ReqToTokenPool(8, 512, "cpu", False)
+        runner = SimpleNamespace(device="cpu", req_to_token_pool=self.r2t, token_to_kv_pool=self.pool)
+        config = config or PolicyConfig()
+        self.torch = DkvTorchAttnBackend(runner, config)
+        self.fi = DkvFlashInferAttnBackend(runner, config, kernels=TorchPagedKernels(), num_q_heads=self.hq)
+        self.layers = [RadixAttention(self.hq, D, D**-0.5, H, i) for i in range(L)]
+        self.lens: dict[int, int] = {}
+
+    def fill(self, slot: int, n: int) -> torch.Tensor:
+        """Give request ``slot`` n more tokens with random K/V in every layer; their ids."""
+        vids = self.pool.table.alloc(n)
+        start = self.lens.get(slot, 0)
+        self.r2t.req_to_token[slot, start : start + n] = vids.to(torch.int32)
+        self.lens[slot] = start + n
+        return vids
+
+    def write(self, vids) -> None:
+        for layer in self.layers:
+            self.pool.set_kv_buffer(layer, KVWriteLoc(vids), torch.randn(len(vids), H, D), torch.randn(len(vids), H, D))
+
+    def compress(self, slot: int, seed: int) -> None:
+        """Each layer keeps its own count, each head its own tokens (same count per head)."""
+        g = torch.Generator().manual_seed(seed)
+        n = self.lens[slot]
+        vids = self.r2t.req_to_token[slot, :n].long()
+        keep = torch.zeros(L, H, n, dtype=torch.bool)
+        for layer in range(L):
+            k = int(torch.randint(1, n, (1,), generator=g))
+            for h in range(H):
+                keep[layer, h, torch.randperm(n - 1, generator=g)[: k - 1]] = True
+        keep[..., -1] = True
+        self.pool.table.drop(vids, keep)
+
+    def batch(self, mode, slots, ext_lens, out_cache_loc):
+        seq = torch.tensor([self.lens[s] for s in slots])
+        ext = torch.tensor(ext_lens)
+        return SimpleNamespace(
+            forward_mode=mode,
+            batch_size=len(slots),
+            req_pool_indices=torch.tensor(slots),
+            seq_lens=seq,
+            seq_lens_cpu=seq,
+            extend_seq_lens=ext,
+            extend_prefix_lens=seq - ext,
+            extend_seq_lens_cpu=ext_lens,
+            extend_prefix_lens_cpu=(seq - ext).tolist(),
+            out_cache_loc=out_cache_loc,
+        )
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_decode_matches_torch_backend_over_compressed_layers(group):
+    w = World(group)
+    slots, prompt = [1, 2, 3], [40, 9, 23]
+    for s, n in zip(slots, prompt):
+        w.write(w.fill(s, n))
+        w.compress(s, seed=s)
+    held = [w.pool.table.held_per_layer(w.r2t.req_to_token[1, :40].long())]
+    assert len(set(held[0])) > 1, "layers must keep different counts"
+    for _step in range(2):
+        new = torch.cat([w.fill(s, 1) for s in slots])
+        fb = w.batch(ForwardMode.DECODE, slots, [1] * 3, new)
+        w.fi.init_forward_metadata(fb)
+        for layer in w.layers:
+            q = torch.randn(3, w.hq * D)
+            k, v = torch.randn(3, H * D), torch.randn(3, H * D)
+            want = w.torch.forward_decode(q, k, v, layer, fb)
+            got = w.fi.forward_decode(q, k, v, layer, fb)
+            assert torch.allclose(got, want, atol=1e-5), layer.layer_id
+
+
+def test_decode_reads_each_layers_own_rows():
+    """Planting a huge value in a row layer 0 dropped must not reach layer 0's output."""
+    w = World(group=2)
+    w.write(w.fill(1, 12))
+    w.compress(1, seed=5)
+    vids = w.r2t.req_to_token[1, :12].long()
+    new = w.fill(1, 1)
+    fb = w.batch(ForwardMode.DECODE, [1], [1], new)
+    w.fi.init_forward_metadata(fb)
+    q, k, v = torch.randn(1, w.hq * D), torch.randn(1, H * D), torch.randn(1, H * D)
+    before = w.fi.forward_decode(q, k, v, w.layers[0], fb)
+    held_rows = set(w.pool.table.row_of[:, :, vids].reshape(-1).tolist())
+    for r in range(1, w.pool.table.num_rows + 1):  # every row no layer of this request holds
+        if r not in held_rows:
+            w.pool.v_rows[r] = 1e6
+    after = w.fi.forward_decode(q, k, v, w.layers[0], fb)
+    assert torch.allclose(before, after)
+    # ...and one it does hold does reach it
+    w.pool.v_rows[w.pool.table.kept_rows(0, vids)[0, 0]] = 1e6
+    assert w.fi.forward_decode(q, k, v, w.layers[0], fb).abs().max() > 1e3
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_prefill_matches_torch_backend_and_records_the_same_window_scores(group):
+    config = PolicyConfig(policy="snapkv", budget=16, window=4)
+    w = World(group, seed=1, config=config)
+    slots, lens = [1, 2, 4], [30, 7, 20]
+    new = torch.cat([w.fill(s, n) for s, n in zip(slots, lens)])
+    for s, n in zip(slots, lens):
+        w.pool.set_plan(s, PrefillPlan(config, prompt_len=n))
+    fb = w.batch(ForwardMode.EXTEND, slots, lens, new)
+    w.fi.init_forward_metadata(fb)
+    for layer in w.layers:
+        q = torch.randn(sum(lens), w.hq * D)
+        k, v = torch.randn(sum(lens), H * D), torch.randn(sum(lens), H * D)
+        want = w.torch.forward_extend(q, k, v, layer, fb)
+        want_scores = w.pool.take_scores()
+        got = w.fi.forward_extend(q, k, v, layer, fb)
+        got_scores = w.pool.take_scores()
+        assert torch.allclose(got, want, atol=1e-5)
+        assert sorted(got_scores) == [1, 4], "requests longer than the budget are scored"
+        for s in got_scores:
+            a, b = got_scores[s][1][layer.layer_id], want_scores[s][1][layer.layer_id]
+            assert a.shape == (H, w.lens[s] - 4) and torch.allclose(a, b, atol=1e-6)
+
+
+def test_chunked_prefill_merges_the_cached_prefix():
+    w = World(group=2, seed=2)
+    slots, prefix, ext = [1, 2, 3], [25, 0, 6], [5, 11, 1]
+    for s, p in zip(slots, prefix):
+        if p:
+            w.write(w.fill(s, p))
+    new = torch.cat([w.fill(s, e) for s, e in zip(slots, ext)])
+    fb = w.batch(ForwardMode.EXTEND, slots, ext, new)
+    w.fi.init_forward_metadata(fb)
+    assert w.fi.extend.has_prefix
+    for layer in w.layers:
+        q = torch.randn(sum(ext), w.hq * D)
+        k, v = torch.randn(sum(ext), H * D), torch.randn(sum(ext), H * D)
+        want = w.torch.forward_extend(q, k, v, layer, fb)
+        got = w.fi.forward_extend(q, k, v, layer, fb)
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_extend_over_a_compressed_prefix_matches_direct_sdpa():
+    """Each (layer, head) attends to its own kept prefix rows, then causally to the new tokens."""
+    w = World(group=3, seed=3)
+    slots, prefix, ext = [1, 2], [30, 14], [4, 3]
+    for s, p in zip(slots, prefix):
+        w.write(w.fill(s, p))
+        w.compress(s, seed=10 + s)
+    kept = {(s, l): w.pool.gather(l, w.r2t.req_to_token[s, :p].long()) for s, p in zip(slots, prefix) for l in range(L)}
+    new = torch.cat([w.fill(s, e) for s, e in zip(slots, ext)])
+    fb = w.batch(ForwardMode.EXTEND, slots, ext, new)
+    w.fi.init_forward_metadata(fb)
+    for layer in w.layers:
+        q = torch.randn(sum(ext), w.hq * D)
+        k, v = torch.randn(sum(ext), H * D), torch.randn(sum(ext), H * D)
+        got = w.fi.forward_extend(q, k, v, layer, fb).view(-1, w.hq, D)
+        start = 0
+        for s, e in zip(slots, ext):
+            pk, pv = kept[(s, layer.layer_id)]  # [H, k, D]
+            keys = torch.cat([pk, k[start : start + e].view(e, H, D).transpose(0, 1)], 1)
+            vals = torch.cat([pv, v[start : start + e].view(e, H, D).transpose(0, 1)], 1)
+            n = keys.shape[1]
+            mask = torch.arange(n)[None, :] <= torch.arange(n - e, n)[:, None]
+            want = torch.nn.functional.scaled_dot_product_attention(
+                q[start : start + e].view(e, w.hq, D).transpose(0, 1),
+                keys,
+                vals,
+                attn_mask=mask,
+                scale=D**-0.5,
+                enable_gqa=True,
+            )
+            assert torch.allclose(got[start : start + e], want.transpose(0, 1), atol=1e-5)
+            start += e
+
+
+def test_default_backend_is_flashinfer_only_on_cuda_when_none_chosen(monkeypatch):
+    original = lambda view: {"attention_backend": "fa3"}
+    none = SimpleNamespace(attention_backend=None, prefill_attention_backend=None, decode_attention_backend=None)
+    chosen = SimpleNamespace(attention_backend="triton", prefill_attention_backend=None, decode_attention_backend=None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_to_flashinfer(original, none) == {"attention_backend": "flashinfer"}
+    assert default_to_flashinfer(original, chosen) == {"attention_backend": "fa3"}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_to_flashinfer(original, none) == {"attention_backend": "fa3"}
