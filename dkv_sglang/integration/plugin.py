@@ -46,6 +46,9 @@ def register() -> None:
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
+    from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
+
+    register_gpu_backend(config)
     logger.info("dkv-sglang: %s", config)
 
 
