@@ -24,6 +24,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from ..memory.pool import DkvKVPool
 from ..policy import PolicyConfig, window_scores
 from . import page_table as pt
+from .flashinfer_kernels import attend_extend
 
 _DEFAULT_BACKEND = "sglang.srt.arg_groups.overrides._attention_backend_default"
 
@@ -133,12 +134,10 @@ class DkvFlashInferAttnBackend(AttentionBackend):
         q_ = q.reshape(-1, layer.tp_q_head_num, d)
         k_ = k.reshape(-1, h, d).to(q_.dtype)
         v_ = v.reshape(-1, h, layer.v_head_dim).to(q_.dtype)
-        o, lse = self.kernels.ragged(q_, k_, v_, layer.scaling)
-        if meta.has_prefix:
-            li = layer.layer_id - self.pool.start_layer
-            q_ent = pt.to_entries(q_, meta.order, h)
-            o2, s2 = self.kernels.prefix(li, q_ent, self.pool.k_rows, self.pool.v_rows, layer.scaling)
-            o = self.kernels.merge(o, lse, pt.from_entries(o2, meta.order, h), pt.from_entries(s2, meta.order, h))
+        li = layer.layer_id - self.pool.start_layer
+        order = meta.order if meta.has_prefix else None
+        pool = self.pool
+        o = attend_extend(self.kernels, li, q_, k_, v_, pool.k_rows, pool.v_rows, layer.scaling, order, h)
         self._record_scores(q_, layer)
         return o.reshape(-1, layer.tp_q_head_num * layer.v_head_dim)
 

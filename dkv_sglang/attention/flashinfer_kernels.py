@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import page_table as pt
 from .page_table import PageTables
 
 WORKSPACE_BYTES = 256 * 1024 * 1024  # float workspace (split-KV partials), shared by all wrappers
@@ -168,3 +169,16 @@ class FlashInferKernels:
         """The pool [R + 1, D] as FlashInfer's NHD pages [pages, page_size, 1, D]."""
         p = self.page_size
         return k_rows.view(-1, p, 1, k_rows.shape[-1]), v_rows.view(-1, p, 1, v_rows.shape[-1])
+
+
+def attend_extend(kernels, layer: int, q, k, v, k_rows, v_rows, scale: float, order, num_kv_heads: int):
+    """Prefill attention: ragged (causal, new tokens) merged with the paged cached prefix.
+
+    q [T, Hq, D], k/v [T, H, D] token-major; ``order`` is the batch's query entry order, None when
+    no request has a prefix. Works with any kernel set (FlashInfer, or the torch reference).
+    """
+    o, lse = kernels.ragged(q, k, v, scale)
+    if order is None:
+        return o
+    o2, s2 = kernels.prefix(layer, pt.to_entries(q, order, num_kv_heads), k_rows, v_rows, scale)
+    return kernels.merge(o, lse, pt.from_entries(o2, order, num_kv_heads), pt.from_entries(s2, order, num_kv_heads))
