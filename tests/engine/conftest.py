@@ -14,7 +14,7 @@ from .models import TINY_LAYERS, tiny_llama
 
 pytestmark = pytest.mark.engine
 
-ENGINE_ARGS = dict(dtype="float32", max_total_tokens=16384, log_level="error", random_seed=0)
+ENGINE_ARGS = {"dtype": "float32", "max_total_tokens": 16384, "log_level": "error", "random_seed": 0}
 PROMPT_LENGTHS = (400, 230, 150, 60)
 SAMPLING = {"max_new_tokens": 24, "temperature": 0}
 
