@@ -8,6 +8,7 @@ SGLang settings a policy or this machine needs.
 from __future__ import annotations
 
 import argparse
+import logging
 
 from .policy import POLICIES, PolicyConfig, PolicyConfigError
 from .policy.config import POOLINGS
@@ -74,6 +75,9 @@ def split_argv(argv: list[str]) -> tuple[PolicyConfig, list[str], bool]:
     return PolicyConfig(**converted), rest, ns.help
 
 
+logger = logging.getLogger("dkv_sglang")
+
+
 def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict:
     """SGLang settings to add (by ServerArgs field name) unless the user gave them."""
     out = {}
@@ -83,4 +87,11 @@ def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict
         # Compressed rows are per request: they are never shared through the prefix cache,
         # and compression runs between forward passes.
         out.update(disable_radix_cache=True, disable_overlap_schedule=True)
-    return {k: v for k, v in out.items() if k not in given}
+    out = {k: v for k, v in out.items() if k not in given}
+    if config.compresses and {"disable_radix_cache", "disable_overlap_schedule"} & set(out):
+        logger.warning(
+            "dkv-sglang: --kv-policy %s turns off SGLang's radix prefix cache (compressed rows "
+            "belong to one request) and overlap scheduling (compression runs between forward passes)",
+            config.policy,
+        )
+    return out

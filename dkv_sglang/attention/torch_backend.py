@@ -110,7 +110,9 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
         req_to_token = self.req_to_token_pool.req_to_token
-        for i, (rpi, seq_len) in enumerate(zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist())):
+        for i, (rpi, seq_len) in enumerate(
+            zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist())
+        ):
             keys, values = self.pool.gather(layer.layer_id, req_to_token[rpi, :seq_len])
             o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), keys, values, layer, causal=False)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)

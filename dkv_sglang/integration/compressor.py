@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 
 # The selection a request made, kept on SGLang's Req so a retracted request replays it.
 REPLAY_ATTR = "dkv_selection"
+# What a compressed request reports in its response's meta_info (once, not per token).
+META_KEYS = ("kv_kept_per_layer", "kv_prompt_tokens")
 
 
 def prefill_is_complete(req, seq_len: int) -> bool:
@@ -89,4 +91,9 @@ def compress_batch(batch, config: PolicyConfig) -> None:
         keep[:, :, : selection.prompt_len] = selection.keep_mask()
         freed = allocator.compress(req.rid, vids, keep, selection, replayed=plan.replay is not None)
         setattr(req, REPLAY_ATTR, selection)
+        req.customized_info = {
+            **(req.customized_info or {}),
+            "kv_kept_per_layer": selection.kept_per_layer,
+            "kv_prompt_tokens": selection.prompt_len,
+        }
         logger.debug("dkv: %s kept %s of %d tokens, freed %d rows", req.rid, selection.kept_per_layer, seq_len, freed)

@@ -22,6 +22,12 @@ _PREFILL_RESULT = (
 _VERIFY = "sglang.srt.sampling.sampling_params.SamplingParams.verify"
 _BATCH = "sglang.srt.managers.schedule_batch.ScheduleBatch"
 _ADMIT = "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill"
+_META = "sglang.srt.managers.tokenizer_manager.TokenizerManager.update_request_meta_info"
+_VALIDATE = "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+_REQUEST_LEVEL = (
+    "sglang.srt.managers.scheduler_components.output_streamer."
+    "SchedulerOutputStreamer.is_request_level_customized_info_key"
+)
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -34,6 +40,7 @@ def register() -> None:
     config = settings.current()
     HookRegistry.register(_INTERNAL_STATE, _with_dkv_stats, HookType.AROUND)
     HookRegistry.register(_VERIFY, _verify_kv_params, HookType.AFTER)
+    HookRegistry.register(_VALIDATE, _refuse_empty_prompt, HookType.BEFORE)
     HookRegistry.register(f"{_BATCH}.prepare_for_decode", _count_running, HookType.AFTER)
     HookRegistry.register(f"{_BATCH}.retract_decode", _count_retracted, HookType.AFTER)
     if not config.compresses:
@@ -44,6 +51,8 @@ def register() -> None:
     HookRegistry.register(f"{_CONFIGURATOR}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND)
     HookRegistry.register(f"{_BATCH}.prepare_for_extend", _plan_prefill, HookType.AFTER)
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
+    HookRegistry.register(_REQUEST_LEVEL, _meta_keys_are_request_level, HookType.AROUND)
+    HookRegistry.register(_META, _put_meta_keys, HookType.AROUND)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
@@ -100,6 +109,26 @@ def _plan_prefill(result, batch):
     plan_batch(batch, settings.current())
 
 
+def _meta_keys_are_request_level(original, streamer, key):
+    from .compressor import META_KEYS
+
+    return key in META_KEYS or original(streamer, key)
+
+
+def _put_meta_keys(original, manager, meta_info, state, customized_info, index, *args, **kwargs):
+    """Our keys go into meta_info as they are (SGLang's default concatenates token lists)."""
+    from .compressor import META_KEYS
+
+    rest = {}
+    for key, values in customized_info.items():
+        if key not in META_KEYS:
+            rest[key] = values
+        elif values[index] not in (None, []):
+            meta_info[key] = values[index]
+    if rest:
+        original(manager, meta_info, state, rest, index, *args, **kwargs)
+
+
 def _reopen_admission(scheduler, running_batch, *args, **kwargs):
     """Rows freed by compression count like a request leaving: admission looks again."""
     allocator = scheduler.token_to_kv_pool_allocator
@@ -135,6 +164,13 @@ def _verify_kv_params(result, sampling_params, *args, **kwargs):
     from ..policy.request import for_request
 
     for_request(settings.current(), sampling_params.custom_params)
+
+
+def _refuse_empty_prompt(manager, obj, input_ids, *args, **kwargs):
+    """An empty prompt would reach the model as a zero-token batch and crash the scheduler
+    (SGLang 0.5.23, CPU path): refuse it as a bad request instead."""
+    if input_ids is not None and len(input_ids) == 0 and getattr(obj, "input_embeds", None) is None:
+        raise ValueError("the prompt is empty: send text or input_ids with at least one token")
 
 
 def _with_dkv_stats(original, controller, recv_req):

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 
 import pytest
 import requests
+
+from bench.server import Server
 
 from .conftest import TINY_LAYERS
 
@@ -21,40 +18,12 @@ BUDGET = 32
 MAX_NEW = 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("server") / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dkv_sglang.launch_server", "--model-path", tiny_model,
-         "--kv-policy", "dynamickv", "--kv-budget", str(BUDGET), "--dtype", "float32",
-         "--max-total-tokens", "16384", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 400
-        while True:
-            assert proc.poll() is None, f"server exited early, see {log.name}"
-            try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert time.time() < deadline, "server did not start"
-            time.sleep(2)
+    args = ["--model-path", tiny_model, "--kv-policy", "dynamickv", "--kv-budget", str(BUDGET),
+            "--dtype", "float32", "--max-total-tokens", "16384"]
+    with Server(args, tmp_path_factory.mktemp("server") / "server.log") as url:
         yield url
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
-        log.close()
 
 
 def test_stats_fields(server):

@@ -50,7 +50,7 @@ def runs(tiny_model):
 
 
 def test_retracted_requests_continue_as_if_never_retracted(runs):
-    (out_small, rids_small, stats_small), (out_roomy, _, stats_roomy) = runs
+    (out_small, _, stats_small), (out_roomy, _, stats_roomy) = runs
     assert stats_small["retracted_requests"] > 0, "the small pool forced retraction"
     assert stats_roomy["retracted_requests"] == 0
     replayed = [r for r in stats_small["recent"] if r["replayed"]]

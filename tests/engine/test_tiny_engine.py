@@ -114,13 +114,14 @@ def per_request(tiny_model, prompts):
         }
         with pytest.raises(ValueError, match="custom_params.kv_budget"):
             engine.generate(input_ids=prompts[0], sampling_params={**SAMPLING, "custom_params": {"kv_budget": 0}})
-        return [o["output_ids"] for o in outputs], [o["meta_info"]["id"] for o in outputs], stats, large
+        metas = [o["meta_info"] for o in outputs]
+        return [o["output_ids"] for o in outputs], [m["id"] for m in metas], stats, large, metas
     finally:
         engine.shutdown()
 
 
 def test_each_request_runs_its_own_policy_in_one_batch(per_request, full, dkv_small):
-    outputs, rids, stats, _ = per_request
+    outputs, rids, stats, _, _ = per_request
     kept = {r["rid"]: r["kept_per_layer"] for r in stats["recent"]}
     L = TINY_LAYERS
     assert rids[0] not in kept and outputs[0] == full["alone"][0]  # full: nothing dropped
@@ -134,3 +135,12 @@ def test_each_request_runs_its_own_policy_in_one_batch(per_request, full, dkv_sm
 def test_every_policy_with_budget_over_prompt_equals_full(per_request, full):
     for policy, outputs in per_request[3].items():
         assert outputs == full["batched"], policy
+
+
+def test_each_response_reports_what_was_kept_for_it(per_request):
+    _, rids, stats, _, metas = per_request
+    kept = {r["rid"]: r["kept_per_layer"] for r in stats["recent"]}
+    assert "kv_kept_per_layer" not in metas[0]  # kept whole
+    for rid, meta, n in zip(rids[1:], metas[1:], PROMPT_LENGTHS[1:]):
+        assert meta["kv_kept_per_layer"] == kept[rid]
+        assert meta["kv_prompt_tokens"] == n
