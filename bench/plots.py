@@ -18,19 +18,22 @@ def niah_heatmap(results, policy: str, budgets, path: Path) -> Path | None:
     panels = [(b, g) for b, g in panels if g]
     if not panels:
         return None
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels) + 1, 3.2), squeeze=False, sharey=True)
     for ax, (budget, cells) in zip(axes[0], panels):
         lengths = sorted({k[0] for k in cells})
         depths = sorted({k[1] for k in cells})
         data = [[cells.get((n, d), float("nan")) for d in depths] for n in lengths]
         im = ax.imshow(data, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="lower")
+        for i, row in enumerate(data):
+            for j, acc in enumerate(row):
+                ax.text(j, i, f"{acc:.0%}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(depths)), [f"{round(100 * d)}%" for d in depths])
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
         ax.set_xlabel("needle depth")
         ax.set_title("full KV" if budget is None else f"budget {budget}")
     axes[0][0].set_ylabel("prompt tokens")
     fig.colorbar(im, ax=axes[0].tolist(), label="accuracy")
-    fig.suptitle(f"needle in a haystack: {policy}")
+    fig.suptitle(f"needle in a haystack: {policy}", y=1.04)
     return _save(fig, path)
 
 
@@ -49,7 +52,7 @@ def layer_budgets(results, budgets, path: Path, policy: str = "dynamickv") -> Pa
         ax.set_title(f"budget {budget}")
     axes[0][0].set_ylabel("kept rows / budget")
     axes[0][-1].legend()
-    fig.suptitle(f"{policy}: per-layer budget, averaged per task")
+    fig.suptitle(f"{policy}: per-layer budget, averaged per task", y=1.04)
     return _save(fig, path)
 
 

@@ -10,11 +10,13 @@ Tasks:
 - ``niah``: one needle ("The secret password for the vault is W.") at a depth; answer W.
 - ``multikey``: four similar needles ("The code word for the red locker is W.") at spread
   depths; asked for one locker; correct if its word is in the reply and no other locker's is.
-- ``spread``: three facts ("N is a member of the secret club.") spread evenly over the context;
-  asked to list the members; correct only if all three names are in the reply.
+- ``spread``: three facts ("One of the secret passwords for the vault is W.") spread evenly
+  over the context; asked for the three passwords; correct only if all three are in the reply.
+  (A first form, three names of "members of the secret club", failed at full KV on both models:
+  they listed people from the essays.)
 
-Values are concrete nouns and first names drawn with a seed from the case's own name, so the
-same arguments always build the same prompts.
+Values are concrete nouns drawn with a seed from the case's own name, so the same arguments
+always build the same prompts.
 """
 
 from __future__ import annotations
@@ -36,10 +38,7 @@ WORDS = (
     "meteorite", "submarine", "cactus", "waterfall", "kangaroo", "trombone", "iceberg", "parachute",
     "dinosaur", "chandelier", "hedgehog", "flamingo", "typewriter", "peacock", "canyon",
 )
-NAMES = (
-    "Beatrice", "Cornelius", "Dagmar", "Ezekiel", "Fiona", "Gideon", "Harriet", "Ignatius",
-    "Josephine", "Leopold", "Matilda", "Octavia", "Percival", "Rosalind", "Sebastian", "Wilhelmina",
-)
+_COUNT = {2: "two", 3: "three", 4: "four", 5: "five"}
 LOCKERS = ("red", "blue", "green", "yellow", "purple", "orange", "silver", "black")
 
 
@@ -97,10 +96,11 @@ def multikey(tokenizer, length: int, seed: int = 0, keys: int = 4) -> Case:
 
 def spread(tokenizer, length: int, seed: int = 0, facts: int = 3) -> Case:
     rng = random.Random(f"spread-{length}-{seed}")
-    names = rng.sample(NAMES, facts)
-    sentences = [(d, f"{n} is a member of the secret club.") for d, n in zip(_spread_depths(rng, facts), names)]
-    question = "Who are the members of the secret club? List all of their names."
-    return _case(tokenizer, rng, "spread", length, None, seed, sentences, question, tuple(names))
+    words = rng.sample(WORDS, facts)
+    depths = _spread_depths(rng, facts)
+    sentences = [(d, f"One of the secret passwords for the vault is {w}.") for d, w in zip(depths, words)]
+    question = f"What are the {_COUNT[facts]} secret passwords for the vault?"
+    return _case(tokenizer, rng, "spread", length, None, seed, sentences, question, tuple(words))
 
 
 def _spread_depths(rng: random.Random, n: int) -> list[float]:

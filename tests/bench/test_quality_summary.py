@@ -64,7 +64,7 @@ def test_checks_name_streamingllm_and_uninformative_tasks():
 
 def test_quick_preset_and_requests():
     args = quality.parse(["--quick"])
-    assert args.model == "smollm2" and args.tasks == ("niah", "spread") and args.name == "quality-quick-smollm2"
+    assert args.model == "smollm2" and args.tasks == ("niah",) and args.name == "quality-quick-smollm2"
     assert args.budgets == [32, 64, 128, 256, 512] and args.lengths == quality.PRESETS["quick"]["lengths"]
     cases = ["a", "b"]
     reqs = quality.requests_for(cases, ["dynamickv", "snapkv"], [32, 64])

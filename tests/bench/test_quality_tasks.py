@@ -49,7 +49,7 @@ def test_multikey_and_spread_plant_every_fact(tokenizer):
     assert len(mk.distractors) == 3 and mk.answers[0] not in mk.distractors
     assert all(f" is {w}." in text for w in (*mk.answers, *mk.distractors))
     sp = tasks.spread(tokenizer, 2000)
-    depths = [context_depth(tokenizer, sp, f"{n} is a member of the secret club.") for n in sp.answers]
+    depths = [context_depth(tokenizer, sp, f"One of the secret passwords for the vault is {w}.") for w in sp.answers]
     assert len(depths) == 3 and abs(len(sp.prompt_ids) - 2000) <= 20
     for i, d in enumerate(sorted(depths)):  # one fact in each third of (10%, 90%)
         assert 0.1 + 0.8 * i / 3 - 0.03 <= d <= 0.1 + 0.8 * (i + 1) / 3 + 0.03
