@@ -1,9 +1,10 @@
 """The SGLang plugin (entry point ``sglang.srt.plugins: dkv``), run in every SGLang process.
 
-With ``--kv-policy full`` (the default) it only adds the ``dkv`` stats to the scheduler's
-internal state and checks requests' ``kv_*`` custom params: serving is vanilla SGLang. With a compressing policy it swaps in the dkv pool
-and allocator, the dkv torch attention backend under the ``torch_native`` name, and the
-compression step after each prefill batch.
+With ``--kv-policy full`` (the default) it only adds the ``dkv`` stats and counters, checks
+requests (``kv_*`` custom params, empty prompts) and carries our meta_info keys: serving is
+vanilla SGLang. With a compressing policy it swaps in the dkv pool and allocator, the dkv
+attention backends, prefill plans, re-opened admission and the compression step after each
+prefill batch.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ def register() -> None:
     HookRegistry.register(_VALIDATE, _refuse_empty_prompt, HookType.BEFORE)
     HookRegistry.register(f"{_BATCH}.prepare_for_decode", _count_running, HookType.AFTER)
     HookRegistry.register(f"{_BATCH}.retract_decode", _count_retracted, HookType.AFTER)
+    # The meta_info keys are carried whatever this process's policy: an in-process Engine's
+    # tokenizer side loads plugins once, possibly under an earlier engine's settings.
+    HookRegistry.register(_REQUEST_LEVEL, _meta_keys_are_request_level, HookType.AROUND)
+    HookRegistry.register(_META, _put_meta_keys, HookType.AROUND)
     if not config.compresses:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
@@ -51,8 +56,6 @@ def register() -> None:
     HookRegistry.register(f"{_CONFIGURATOR}._build_token_to_kv_pool_allocator", _build_allocator, HookType.AROUND)
     HookRegistry.register(f"{_BATCH}.prepare_for_extend", _plan_prefill, HookType.AFTER)
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
-    HookRegistry.register(_REQUEST_LEVEL, _meta_keys_are_request_level, HookType.AROUND)
-    HookRegistry.register(_META, _put_meta_keys, HookType.AROUND)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
