@@ -11,6 +11,7 @@ import torch
 from ..memory.pool import DkvAllocator, PrefillPlan
 from ..policy import PolicyConfig, select
 from ..policy.request import for_request
+from .metrics import record_compression
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ def compress_batch(batch, config: PolicyConfig) -> None:
         keep[:, :, : selection.prompt_len] = selection.keep_mask()
         freed = allocator.compress(req.rid, vids, keep, selection, replayed=plan.replay is not None)
         setattr(req, REPLAY_ATTR, selection)
+        record_compression(allocator, selection.prompt_len, selection.kept_per_layer)
         req.customized_info = {
             **(req.customized_info or {}),
             "kv_kept_per_layer": selection.kept_per_layer,

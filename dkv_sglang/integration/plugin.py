@@ -141,9 +141,12 @@ def _reopen_admission(scheduler, running_batch, *args, **kwargs):
 
 
 def _count_running(result, batch):
+    from .metrics import record_pool
     from .stats import COUNTERS
 
     COUNTERS.peak_running = max(COUNTERS.peak_running, len(batch.reqs))
+    if hasattr(batch.token_to_kv_pool_allocator, "table"):
+        record_pool(batch.token_to_kv_pool_allocator)
 
 
 def _count_retracted(result, batch):

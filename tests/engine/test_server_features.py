@@ -34,7 +34,7 @@ def unchunked(tiny_model, prompts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, unchunked, tmp_path_factory):
-    args = _args(tiny_model, "--chunked-prefill-size", str(CHUNK))
+    args = _args(tiny_model, "--chunked-prefill-size", str(CHUNK), "--enable-metrics")
     with Server(args, tmp_path_factory.mktemp("features") / "server.log") as url:
         yield url
 
@@ -159,3 +159,18 @@ def test_frontend_program_runs_unchanged(server):
     assert out["certain"] in ("yes", "no")
     assert _stats(server)["requests_compressed"] > before, "the long program turns were compressed"
     assert _idle(server)
+
+
+def test_prometheus_series(server):
+    text = requests.get(server + "/metrics", timeout=30).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("dkv:"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    stats = _stats(server)
+    assert values["dkv:requests_compressed_total"] == stats["requests_compressed"] > 0
+    assert 0 < values["dkv:kept_rows_total"] < values["dkv:prompt_rows_total"]
+    assert values["dkv:pool_rows_free"] <= stats["pool_rows_total"]
+    per_layer = [values[f'dkv:kept_rows_by_layer_total{{layer="{i}"}}'] for i in range(TINY_LAYERS)]
+    assert sum(per_layer) == values["dkv:kept_rows_total"]
