@@ -107,21 +107,14 @@ class TorchPagedKernels:
         self._decode = tables
 
     def decode(self, layer: int, q, k_rows, v_rows, scale: float) -> torch.Tensor:
-        t = self._decode
         qo = list(range(q.shape[0] + 1))
-        o, _ = paged_attention(
-            q,
-            k_rows,
-            v_rows,
-            qo,
-            t.indptr_cpu[layer].tolist(),
-            t.indices,
-            t.last_page_len_cpu[layer].tolist(),
-            t.page_size,
-            scale,
-            causal=False,
-        )
-        return o
+        return self._paged(self._decode, layer, q, k_rows, v_rows, qo, scale)[0]
+
+    @staticmethod
+    def _paged(t: PageTables, layer: int, q, k_rows, v_rows, qo, scale: float):
+        """Attention of ``q`` (entries split by ``qo``) over layer ``layer``'s pages of ``t``."""
+        indptr, last = t.indptr_cpu[layer].tolist(), t.last_page_len_cpu[layer].tolist()
+        return paged_attention(q, k_rows, v_rows, qo, indptr, t.indices, last, t.page_size, scale, causal=False)
 
     def plan_extend(self, ragged_qo, prefix: PageTables | None, prefix_qo, num_qo_heads, head_dim, dtype) -> None:
         self._ragged_qo = ragged_qo.tolist()
@@ -132,19 +125,7 @@ class TorchPagedKernels:
         return ragged_attention(q, k, v, self._ragged_qo, scale)
 
     def prefix(self, layer: int, q, k_rows, v_rows, scale: float):
-        t = self._prefix
-        return paged_attention(
-            q,
-            k_rows,
-            v_rows,
-            self._prefix_qo,
-            t.indptr_cpu[layer].tolist(),
-            t.indices,
-            t.last_page_len_cpu[layer].tolist(),
-            t.page_size,
-            scale,
-            causal=False,
-        )
+        return self._paged(self._prefix, layer, q, k_rows, v_rows, self._prefix_qo, scale)
 
     @staticmethod
     def merge(o1, s1, o2, s2) -> torch.Tensor:
