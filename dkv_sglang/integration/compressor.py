@@ -47,6 +47,11 @@ def tp_reducer():
     return DistReducer(group.cpu_group) if group.world_size > 1 else LOCAL
 
 
+def _complete(entry, seq_len: int) -> bool:
+    """Scores were recorded for this whole prompt, in every layer."""
+    return entry is not None and entry[0] == seq_len and all(s is not None for s in entry[1])
+
+
 def plan_batch(batch, config: PolicyConfig) -> None:
     """Before an extend batch runs: tell the pool what each request's prefill does."""
     allocator = batch.token_to_kv_pool_allocator
@@ -81,7 +86,7 @@ def compress_batch(batch, config: PolicyConfig) -> None:
         pool.end_plan(rpi)
         if plan.replay is not None:
             selection = plan.replay
-        elif plan.chooses(seq_len) and rpi in recorded and recorded[rpi][0] == seq_len:
+        elif plan.chooses(seq_len) and _complete(recorded.get(rpi), seq_len):
             selection = select(recorded[rpi][1], seq_len, plan.config, reducer)
         else:
             continue
