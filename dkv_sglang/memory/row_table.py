@@ -118,6 +118,25 @@ class RowTable:
         self.row_of[:, :, vids] = held
         return int(freed.numel())
 
+    def fork(self, vids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """New token ids holding fresh copies of the head-rows of ``vids`` that ``keep``
+        [L, H, len(vids)] keeps; ``vids`` themselves are untouched (someone else owns them:
+        SGLang's prefix cache). Returns (new ids, source rows, destination rows) for the
+        caller to copy the K/V bytes, or None when the rows or ids are not free.
+        """
+        vids = vids.reshape(-1).to(torch.int64)
+        held = self.row_of[:, :, vids]
+        kept = keep.to(held.device) & (held >= 0)
+        k = int(kept.sum())
+        if k > len(self.rows) or vids.numel() > len(self.ids):
+            return None
+        new_vids = self.ids.take(vids.numel())
+        dst = self.rows.take(k)
+        rows = torch.full_like(held, -1)
+        rows[kept] = dst.to(torch.int32)
+        self.row_of[:, :, new_vids] = rows
+        return new_vids, held[kept].to(torch.int64), dst
+
     def reset(self) -> None:
         self.rows.reset()
         self.ids.reset()

@@ -75,3 +75,32 @@ def test_double_free_is_caught():
     t.free(v)
     with pytest.raises(AssertionError):
         t.free(v)
+
+
+def test_fork_copies_the_kept_rows_to_new_ids_and_leaves_the_source_whole():
+    t = make(tokens=10, ids=40)
+    shared = t.alloc(6)  # owned by someone else (the prefix cache)
+    before = t.row_of[:, :, shared].clone()
+    keep = torch.zeros(3, 2, 6, dtype=torch.bool)
+    keep[0, :, :2] = True
+    keep[1, 0, 4] = keep[1, 1, 5] = True  # heads may keep different tokens
+    keep[2, :, 3] = True
+    new, src, dst = t.fork(shared, keep)
+    assert torch.equal(t.row_of[:, :, shared], before), "the source ids keep every row"
+    assert set(new.tolist()).isdisjoint(shared.tolist())
+    assert src.numel() == dst.numel() == int(keep.sum())
+    assert set(dst.tolist()).isdisjoint(before.flatten().tolist())
+    rows = t.row_of[:, :, new]
+    assert torch.equal(rows >= 0, keep) and torch.equal(rows[keep].long(), dst)
+    assert torch.equal(before[keep].long(), src), "each new row copies the row at the same place"
+    assert t.free_head_rows() == 60 - 36 - 8
+    t.free(shared)
+    t.free(new)
+    assert t.free_head_rows() == 60 and len(t.ids) == 40
+
+
+def test_fork_refuses_when_the_rows_are_not_free():
+    t = make(tokens=4, ids=40)
+    vids = t.alloc(4)
+    assert t.fork(vids, torch.ones(3, 2, 4, dtype=torch.bool)) is None
+    assert t.free_head_rows() == 0 and len(t.ids) == 36, "a refused fork takes nothing"
