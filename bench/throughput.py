@@ -13,8 +13,9 @@ The quick preset starts four servers in turn on the same random-token request st
 4. ``dynamickv``, the large pool: prefill cost of choosing (small budget vs a budget over the
    prompt, same prompts) and decode step time at the same batch size as (3).
 
-All servers run with ``--disable-radix-cache --disable-overlap-schedule`` (what a compressing
-server uses), so the comparisons differ in the policy alone. Results: ``bench/results/
+All servers run with ``--disable-radix-cache --disable-overlap-schedule`` (a compressing server
+turns overlap off; the prefix cache is off so that a stream sent once per budget never hits
+what the previous budget left cached), so the comparisons differ in the policy alone. Results: ``bench/results/
 throughput-<preset>.{json,md,png}``.
 """
 

@@ -84,14 +84,13 @@ def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict
     if on_cpu:
         out.update(device="cpu", attention_backend="torch_native", mem_fraction_static=0.3)
     if config.compresses:
-        # Compressed rows are per request: they are never shared through the prefix cache,
-        # and compression runs between forward passes.
-        out.update(disable_radix_cache=True, disable_overlap_schedule=True)
+        # Compression runs between forward passes. (The radix prefix cache stays on: it keeps
+        # prompts whole, and each request copies out the rows it keeps.)
+        out.update(disable_overlap_schedule=True)
     out = {k: v for k, v in out.items() if k not in given}
-    if config.compresses and {"disable_radix_cache", "disable_overlap_schedule"} & set(out):
+    if config.compresses and "disable_overlap_schedule" in out:
         logger.warning(
-            "dkv-sglang: --kv-policy %s turns off SGLang's radix prefix cache (compressed rows "
-            "belong to one request) and overlap scheduling (compression runs between forward passes)",
+            "dkv-sglang: --kv-policy %s turns off overlap scheduling (compression runs between forward passes)",
             config.policy,
         )
     return out

@@ -67,8 +67,40 @@ def plan_batch(batch, config: PolicyConfig) -> None:
         pool.set_plan(req.kv.req_pool_idx, plan)
 
 
-def compress_batch(batch, config: PolicyConfig) -> None:
-    """After an extend batch: cut every request whose prefill is now complete."""
+def _take_from_prefix_cache(req, allocator: DkvAllocator, tree_cache, req_to_token, vids, keep) -> int | None:
+    """Give the request its own copies of the kept rows of the prompt ids the prefix cache
+    owns (``req.kv.cache_protected_len`` of them) and unlock them there: the cache keeps the
+    whole prompt for later requests, evictable like any cached prefix.
+
+    Returns the layer-rows handed back to the cache, or None when no rows are free for the
+    copies even after evicting (the request then stays uncompressed).
+    """
+    shared = req.kv.cache_protected_len
+    if shared == 0:
+        return 0
+    keep = keep[:, :, :shared]
+    new_vids = allocator.fork(vids[:shared], keep)
+    if new_vids is None:
+        table = allocator.table
+        allocator.evict_to_free_tokens(tree_cache, -(-int(keep.sum()) // table.head_rows_per_token))
+        new_vids = allocator.fork(vids[:shared], keep)
+    if new_vids is None:
+        return None
+    req_to_token[req.kv.req_pool_idx, :shared] = new_vids.to(req_to_token.dtype)
+    tree_cache.unlock(req.lock)
+    req.lock = None
+    req.kv.cache_protected_len = 0
+    return shared * allocator.table.num_layers - int(keep[:, 0].sum())
+
+
+def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
+    """After an extend batch: cut every request whose prefill is now complete.
+
+    With SGLang's prefix cache on, the prompt was just inserted there whole (its ids are the
+    cache's); the request gets its own copies of the rows it keeps, and its compressed ids
+    never go into the cache (``skip_radix_cache_insert``).
+    """
+    tree_cache = tree_cache if tree_cache is not None else batch.tree_cache
     allocator = batch.token_to_kv_pool_allocator
     if not isinstance(allocator, DkvAllocator):
         return
@@ -95,7 +127,15 @@ def compress_batch(batch, config: PolicyConfig) -> None:
         vids = req_to_token[rpi, :seq_len].to(int)
         keep = torch.ones(allocator.table.num_layers, allocator.table.num_heads, seq_len, dtype=torch.bool)
         keep[:, :, : selection.prompt_len] = selection.keep_mask()
-        freed = allocator.compress(req.rid, vids, keep, selection, replayed=plan.replay is not None)
+        shared = req.kv.cache_protected_len
+        released = _take_from_prefix_cache(req, allocator, tree_cache, req_to_token, vids, keep)
+        if released is None:
+            logger.warning("dkv: %s stays uncompressed: no free rows to copy its kept rows to", req.rid)
+            continue
+        req.skip_radix_cache_insert = True
+        freed = allocator.compress(
+            req.rid, vids[shared:], keep[:, :, shared:], selection, replayed=plan.replay is not None, released=released
+        )
         setattr(req, REPLAY_ATTR, selection)
         record_compression(allocator, selection.prompt_len, selection.kept_per_layer)
         req.customized_info = {

@@ -29,6 +29,7 @@ _REQUEST_LEVEL = (
     "sglang.srt.managers.scheduler_components.output_streamer."
     "SchedulerOutputStreamer.is_request_level_customized_info_key"
 )
+_MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -57,6 +58,7 @@ def register() -> None:
     HookRegistry.register(f"{_BATCH}.prepare_for_extend", _plan_prefill, HookType.AFTER)
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
+    HookRegistry.register(_MAX_PREFIX, _leave_the_window_to_prefill, HookType.AFTER)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
 
@@ -160,8 +162,28 @@ def _compress_after_prefill(original, processor, batch, result):
     from .compressor import compress_batch
 
     out = original(processor, batch, result)
-    compress_batch(batch, settings.current())
+    compress_batch(batch, settings.current(), processor.tree_cache)
     return out
+
+
+def _leave_the_window_to_prefill(max_prefix_len, req, input_len):
+    """How much of a compressing request may come from SGLang's prefix cache.
+
+    The policy scores the prompt with the queries of its last ``window`` tokens, so those are
+    always prefilled: a cache hit then chooses exactly the rows a miss would. A retracted
+    request's generated tokens are always prefilled again (they attend only to the rows it
+    kept, which no cached entry was computed with).
+    """
+    from ..policy.request import for_request
+    from .compressor import REPLAY_ATTR
+
+    config = for_request(settings.current(), req.sampling_params.custom_params)
+    prompt_len = len(req.origin_input_ids)
+    if not config.compresses or prompt_len <= config.budget:
+        return max_prefix_len
+    if getattr(req, REPLAY_ATTR, None) is not None:
+        return min(max_prefix_len, prompt_len)
+    return max(0, min(max_prefix_len, prompt_len - config.window))
 
 
 def _verify_kv_params(result, sampling_params, *args, **kwargs):

@@ -39,4 +39,9 @@ def dkv_stats(scheduler, config: PolicyConfig) -> dict:
             requests_compressed=0,
             recent=[],
         )
+    # Rows SGLang's prefix cache holds for no running request: whole prompts (all layers),
+    # evicted when a new request needs the room. Idle: free + cached == total.
+    tree = scheduler.tree_cache
+    cached = tree.evictable_size() if tree is not None and tree.supports_prefix_sharing() else 0
+    out["pool_rows_cached"] = cached * out["num_layers"]
     return out

@@ -184,13 +184,29 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
         self.free(page_ids)
 
     # -- compression -----------------------------------------------------------------------------
-    def compress(self, rid: str, vids: torch.Tensor, keep: torch.Tensor, selection: Selection, replayed: bool) -> int:
-        """Drop the head-rows of ``vids`` that ``keep`` [L, H, len(vids)] does not keep; record
-        it (``replayed``: a retracted request cut again to its first selection).
+    def fork(self, vids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor | None:
+        """New token ids holding copies of the rows of ``vids`` that ``keep`` [L, H, len(vids)]
+        keeps, for a request whose prompt rows SGLang's prefix cache owns (and keeps whole).
+        None when the rows are not free."""
+        forked = self.table.fork(vids, keep)
+        if forked is None:
+            return None
+        new_vids, src, dst = forked
+        pool = self.get_kvcache()
+        pool.k_rows[dst] = pool.k_rows[src]
+        pool.v_rows[dst] = pool.v_rows[src]
+        return new_vids
 
-        Returns the layer-rows freed.
+    def compress(
+        self, rid: str, vids: torch.Tensor, keep: torch.Tensor, selection: Selection, replayed: bool, released: int = 0
+    ) -> int:
+        """Drop the head-rows of ``vids`` that ``keep`` [L, H, len(vids)] does not keep; record
+        it (``replayed``: a retracted request cut again to its first selection; ``released``:
+        layer-rows the request handed back to the prefix cache, which may evict them).
+
+        Returns the layer-rows the request no longer holds.
         """
-        freed = self.table.drop(vids, keep) // self.table.num_heads
+        freed = self.table.drop(vids, keep) // self.table.num_heads + released
         self.requests_compressed += 1
         self.freed_since_admission = self.freed_since_admission or freed > 0
         self.recent.append(

@@ -17,8 +17,8 @@ def test_engine_options_and_defaults():
     assert (cfg.policy, cfg.budget, cfg.pooling) == ("dynamickv", 32, "max")
     d = engine_defaults(cfg, given={"attention_backend"}, on_cpu=True)
     assert d["device"] == "cpu" and "attention_backend" not in d
-    assert d["disable_radix_cache"] and d["disable_overlap_schedule"]
-    assert "disable_radix_cache" not in engine_defaults(config_from_options(), set(), on_cpu=True)
+    assert d["disable_overlap_schedule"] and "disable_radix_cache" not in d, "the prefix cache stays on"
+    assert "disable_overlap_schedule" not in engine_defaults(config_from_options(), set(), on_cpu=True)
 
 
 @pytest.mark.parametrize(
