@@ -75,12 +75,53 @@ def split_argv(argv: list[str]) -> tuple[PolicyConfig, list[str], bool]:
     return PolicyConfig(**converted), rest, ns.help
 
 
+def check_page_size(raw) -> int:
+    """The dkv pool's page size (head-rows per physical page, FlashInfer's page size)."""
+    try:
+        value = int(raw)
+    except (TypeError, ValueError):
+        raise PolicyConfigError("--page-size", f"expected an integer, got {raw!r}") from None
+    if value < 1:
+        raise PolicyConfigError("--page-size", f"must be at least 1, got {value}")
+    return value
+
+
+def take_page_size(config: PolicyConfig, argv: list[str]) -> tuple[int, list[str]]:
+    """With a compressing policy, ``--page-size N`` is the dkv pool's (rows per physical page)
+    and SGLang gets ``--page-size 1`` (its token ids stay per token). With ``full`` it is
+    SGLang's, untouched. Returns (the pool's page size, SGLang's argv)."""
+    if not config.compresses:
+        return 1, argv
+    out, page_size, i = [], 1, 0
+    while i < len(argv):
+        word = argv[i]
+        if word == "--page-size":
+            if i + 1 >= len(argv):
+                raise PolicyConfigError("--page-size", "expected a value")
+            page_size, i = check_page_size(argv[i + 1]), i + 2
+            continue
+        if word.startswith("--page-size="):
+            page_size = check_page_size(word.split("=", 1)[1])
+        else:
+            out.append(word)
+        i += 1
+    if page_size > 1:
+        out += ["--page-size", "1"]
+    return page_size, out
+
+
 logger = logging.getLogger("dkv_sglang")
 
 
-def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict:
-    """SGLang settings to add (by ServerArgs field name) unless the user gave them."""
+def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool, page_size: int = 1) -> dict:
+    """SGLang settings to add (by ServerArgs field name) unless the user gave them.
+
+    ``page_size``: the dkv pool's (see :func:`take_page_size`); above 1 the radix prefix cache
+    is turned off (its prefixes would have to end on page boundaries; not built yet).
+    """
     out = {}
+    if config.compresses and page_size > 1:
+        out.update(disable_radix_cache=True)
     if on_cpu:
         out.update(device="cpu", attention_backend="torch_native", mem_fraction_static=0.3)
     if config.compresses:
@@ -88,6 +129,8 @@ def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool) -> dict
         # prompts whole, and each request copies out the rows it keeps.)
         out.update(disable_overlap_schedule=True)
     out = {k: v for k, v in out.items() if k not in given}
+    if "disable_radix_cache" in out:
+        logger.warning("dkv-sglang: --page-size %d turns off the radix prefix cache (page size 1 keeps it)", page_size)
     if config.compresses and "disable_overlap_schedule" in out:
         logger.warning(
             "dkv-sglang: --kv-policy %s turns off overlap scheduling (compression runs between forward passes)",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from . import machine
-from .cli import FLAGS, config_from_options, engine_defaults
+from .cli import FLAGS, check_page_size, config_from_options, engine_defaults
 from .integration import settings
 
 _OUR_KEYS = {flag[2:].replace("-", "_") for flag in FLAGS}
@@ -15,13 +15,20 @@ from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 
 class Engine(_SGLangEngine):
     """Same options as ``sglang.Engine`` plus ``kv_policy``, ``kv_budget``, ``kv_window``,
-    ``kv_kernel``, ``kv_pooling``, ``kv_rmax``, ``kv_update_interval``."""
+    ``kv_kernel``, ``kv_pooling``, ``kv_rmax``, ``kv_update_interval``; with a compressing
+    policy ``page_size`` is the dkv pool's physical page size (SGLang's stays 1)."""
 
     def __init__(self, **kwargs):
         ours = {k: kwargs.pop(k) for k in list(kwargs) if k in _OUR_KEYS}
         self.dkv_config = config_from_options(**ours)
+        # With a compressing policy page_size is the dkv pool's (rows per physical page); SGLang gets 1.
+        self.dkv_page_size = 1
+        if self.dkv_config.compresses and kwargs.get("page_size") not in (None, 1):
+            self.dkv_page_size = check_page_size(kwargs.pop("page_size"))
+            kwargs["page_size"] = 1
         settings.publish(self.dkv_config)
-        kwargs = {**engine_defaults(self.dkv_config, set(kwargs), on_cpu), **kwargs}
+        settings.publish_page_size(self.dkv_page_size)
+        kwargs = {**engine_defaults(self.dkv_config, set(kwargs), on_cpu, self.dkv_page_size), **kwargs}
         super().__init__(**kwargs)
 
     def dkv_stats(self) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .cli import engine_defaults, parser, split_argv
+from .cli import engine_defaults, parser, split_argv, take_page_size
 from .policy import PolicyConfigError
 
 
@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         config, rest, want_help = split_argv(argv)
+        page_size, rest = take_page_size(config, rest)
     except PolicyConfigError as e:
         print(f"dkv_sglang.launch_server: error: {e}", file=sys.stderr)
         return 2
@@ -36,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
 
     on_cpu = machine.prepare()
     settings.publish(config)
-    for field, value in engine_defaults(config, _given_fields(rest), on_cpu).items():
+    settings.publish_page_size(page_size)
+    for field, value in engine_defaults(config, _given_fields(rest), on_cpu, page_size).items():
         flag = "--" + field.replace("_", "-")
         rest += [flag] if value is True else [flag, str(value)]
 

@@ -69,7 +69,7 @@ class DkvFlashInferAttnBackend(AttentionBackend):
                 pool.dtype,
                 model_runner.device,
                 max_rows=pool.table.num_rows + 1,
-                page_size=pool.page_size,
+                page_size=pool.row_page_size,
             )
         self.kernels = kernels
         self.extend: ExtendMetadata | None = None
@@ -86,7 +86,7 @@ class DkvFlashInferAttnBackend(AttentionBackend):
     def _plan_decode(self, forward_batch, bs: int) -> None:
         seq_lens = _as_list(_host_seq_lens(forward_batch))[:bs]
         vids = pt.batch_vids(self.req_to_token, forward_batch.req_pool_indices[:bs], seq_lens)
-        tables = pt.build_tables(self.pool.table.row_of, vids, seq_lens, self.pool.page_size)
+        tables = pt.build_tables(self.pool.table.row_of, vids, seq_lens, self.pool.row_page_size)
         self.kernels.plan_decode(tables, self.group, self.pool.head_dim, self.pool.dtype)
 
     def _plan_extend(self, fb) -> None:
@@ -104,7 +104,7 @@ class DkvFlashInferAttnBackend(AttentionBackend):
         tables = prefix_qo = None
         if has_prefix:
             vids = pt.batch_vids(self.req_to_token, fb.req_pool_indices, prefix_lens)
-            tables = pt.build_tables(self.pool.table.row_of, vids, prefix_lens, self.pool.page_size)
+            tables = pt.build_tables(self.pool.table.row_of, vids, prefix_lens, self.pool.row_page_size)
             prefix_qo = pt.qo_indptr(ext_lens, self.num_kv_heads)
             self.extend.order = pt.query_order(ext_lens, self.num_kv_heads, self.pool.k_rows.device)
         self.kernels.plan_extend(ragged_qo, tables, prefix_qo, self.num_q_heads, self.pool.head_dim, self.pool.dtype)

@@ -59,6 +59,9 @@ def register() -> None:
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     HookRegistry.register(_MAX_PREFIX, _leave_the_window_to_prefill, HookType.AFTER)
+    if settings.page_size() > 1:  # physical pages of rows: placed once the ids meet their requests
+        HookRegistry.register(f"{_BATCH}.prepare_for_extend", _place_extend, HookType.AFTER)
+        HookRegistry.register(f"{_BATCH}.prepare_for_decode", _place_decode, HookType.AFTER)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
 
@@ -83,6 +86,7 @@ def _build_pool(original, configurator, *, max_total_num_tokens, mha_pool_class,
     return DkvKVPool(
         max_total_num_tokens,
         page_size=configurator.pool_page_size,
+        row_page_size=settings.page_size(),
         dtype=configurator.kv_cache_dtype,
         head_num=configurator.model_config.get_num_kv_heads(par.attn_tp_size, par.attn_dcp_size),
         head_dim=configurator.model_config.head_dim,
@@ -112,6 +116,18 @@ def _plan_prefill(result, batch):
     from .compressor import plan_batch
 
     plan_batch(batch, settings.current())
+
+
+def _place_extend(result, batch):
+    from .paging import place_extend
+
+    place_extend(batch)
+
+
+def _place_decode(result, batch):
+    from .paging import place_decode
+
+    place_decode(batch)
 
 
 def _meta_keys_are_request_level(original, streamer, key):

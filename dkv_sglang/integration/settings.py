@@ -18,3 +18,15 @@ def current() -> PolicyConfig:
     """The published settings; vanilla ``full`` when none were published."""
     text = os.environ.get(ENV_VAR)
     return PolicyConfig.from_json(text) if text else PolicyConfig()
+
+
+PAGE_SIZE_VAR = "DKV_SGLANG_PAGE_SIZE"
+
+
+def publish_page_size(page_size: int) -> None:
+    """The dkv pool's physical page size (head-rows per page); SGLang's own stays 1."""
+    os.environ[PAGE_SIZE_VAR] = str(int(page_size))
+
+
+def page_size() -> int:
+    return int(os.environ.get(PAGE_SIZE_VAR, "1"))

@@ -66,7 +66,7 @@ class PagedRowTable(RowTable):
         return len(self.pages) * self.page_size
 
     def free_layer_rows(self) -> int:
-        return self.free_head_rows() // self.num_heads
+        return min(self.free_head_rows() // self.num_heads, self.num_tokens * self.num_layers)
 
     def free_tokens(self) -> int:
         """New tokens (all layers) that whole free pages hold, less ids not placed yet."""

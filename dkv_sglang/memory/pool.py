@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
 from ..policy import PolicyConfig, Selection
+from .paged_table import PagedRowTable
 from .row_table import RowTable
 
 # Token ids alive at once, per token of capacity: compressed requests keep their ids.
@@ -58,15 +59,22 @@ class DkvKVPool(KVCache):
         v_head_dim: int | None = None,
         start_layer: int | None = None,
         end_layer: int | None = None,
+        row_page_size: int = 1,
         **_unused,
     ):
         if page_size != 1:
-            raise ValueError("dkv-sglang's pool supports --page-size 1 only for now")
+            raise ValueError("SGLang's page size must be 1 over the dkv pool (its own page size is row_page_size)")
         super().__init__(size, page_size, dtype, layer_num, device, False, start_layer, end_layer)
         self.head_num = head_num
         self.head_dim = head_dim
         self.v_head_dim = v_head_dim or head_dim
-        self.table = RowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, device)
+        # Physical pages of head-rows (FlashInfer's page size); SGLang's token ids stay per token.
+        self.row_page_size = row_page_size
+        if row_page_size > 1:
+            self.table = PagedRowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, row_page_size, device)
+            self.table.move = self._move_rows
+        else:
+            self.table = RowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, device)
         rows = self.table.num_rows + 1
         self.k_rows = torch.zeros(rows, self.head_dim, dtype=self.store_dtype, device=device)
         self.v_rows = torch.zeros(rows, self.v_head_dim, dtype=self.store_dtype, device=device)
@@ -104,6 +112,11 @@ class DkvKVPool(KVCache):
         rows = self.table.write_rows(layer.layer_id - self.start_layer, vids)
         self.k_rows[rows] = cache_k.reshape(-1, self.head_dim).to(self.store_dtype)
         self.v_rows[rows] = cache_v.reshape(-1, self.v_head_dim).to(self.store_dtype)
+
+    def _move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V head-rows (the paged table packing a compressed request's pages)."""
+        self.k_rows[dst] = self.k_rows[src]
+        self.v_rows[dst] = self.v_rows[src]
 
     # -- what attention reads --------------------------------------------------------------------
     def gather(self, layer_id: int, vids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,6 +182,20 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
     def available_size(self):
         return self.table.free_tokens()
 
+    # -- paged rows (row_page_size P > 1): what SGLang's token counts do not see ---------------
+    def request_slot_reserve(self, *, has_req_pool_slot: bool, prefill_tokens: int = 0) -> int:
+        """Admission charges each request P tokens more: in every (layer, head) its last page
+        may be partly filled (:class:`PagedRowTable` counts only whole free pages)."""
+        return self.table.page_size if isinstance(self.table, PagedRowTable) else 0
+
+    def check_decode_capacity(self, *, num_tokens: int, tree_cache, requests=None, spec_algorithm=None) -> bool:
+        """A decode token may open a page in every (layer, head): P tokens' worth each."""
+        if isinstance(self.table, PagedRowTable):
+            num_tokens = num_tokens * self.table.page_size
+        return super().check_decode_capacity(
+            num_tokens=num_tokens, tree_cache=tree_cache, requests=requests, spec_algorithm=spec_algorithm
+        )
+
     def alloc(self, need_size: int):
         return self.table.alloc(need_size)
 
@@ -225,6 +252,7 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
         return {
             "num_layers": t.num_layers,
             "kv_heads": t.num_heads,
+            "page_size": getattr(t, "page_size", 1),
             "pool_rows_total": t.num_tokens * t.num_layers,
             "pool_rows_free": t.free_layer_rows(),
             "token_ids_free": len(t.ids),

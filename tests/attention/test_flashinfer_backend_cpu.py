@@ -31,10 +31,10 @@ L, H, D = 3, 2, 16
 class World:
     """A dkv pool and request slots with both backends over them."""
 
-    def __init__(self, group: int, seed: int = 0, config: PolicyConfig | None = None):
+    def __init__(self, group: int, seed: int = 0, config: PolicyConfig | None = None, page_size: int = 1):
         torch.manual_seed(seed)
         self.hq = H * group
-        self.pool = DkvKVPool(1024, 1, torch.float32, H, D, L, "cpu")
+        self.pool = DkvKVPool(1024, 1, torch.float32, H, D, L, "cpu", row_page_size=page_size)
         self.r2t = ReqToTokenPool(8, 512, "cpu", False)
         runner = SimpleNamespace(device="cpu", req_to_token_pool=self.r2t, token_to_kv_pool=self.pool)
         config = config or PolicyConfig()
@@ -48,6 +48,9 @@ class World:
         vids = self.pool.table.alloc(n)
         start = self.lens.get(slot, 0)
         self.r2t.req_to_token[slot, start : start + n] = vids.to(torch.int32)
+        if self.pool.row_page_size > 1:  # the scheduler hook's job: rows in this request's pages
+            prev = self.r2t.req_to_token[slot, start - 1].long() if start else torch.tensor(0)
+            self.pool.table.place(prev.view(1), [n], vids)
         self.lens[slot] = start + n
         return vids
 
@@ -85,9 +88,13 @@ class World:
         )
 
 
+PAGE_SIZES = [1, 16]
+
+
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("group", [1, 3])
-def test_decode_matches_torch_backend_over_compressed_layers(group):
-    w = World(group)
+def test_decode_matches_torch_backend_over_compressed_layers(group, page_size):
+    w = World(group, page_size=page_size)
     slots, prompt = [1, 2, 3], [40, 9, 23]
     for s, n in zip(slots, prompt):
         w.write(w.fill(s, n))
@@ -106,9 +113,10 @@ def test_decode_matches_torch_backend_over_compressed_layers(group):
             assert torch.allclose(got, want, atol=1e-5), layer.layer_id
 
 
-def test_decode_reads_each_layers_own_rows():
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_decode_reads_each_layers_own_rows(page_size):
     """Planting a huge value in a row layer 0 dropped must not reach layer 0's output."""
-    w = World(group=2)
+    w = World(group=2, page_size=page_size)
     w.write(w.fill(1, 12))
     w.compress(1, seed=5)
     vids = w.r2t.req_to_token[1, :12].long()
@@ -128,10 +136,11 @@ def test_decode_reads_each_layers_own_rows():
     assert w.fi.forward_decode(q, k, v, w.layers[0], fb).abs().max() > 1e3
 
 
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("group", [1, 3])
-def test_prefill_matches_torch_backend_and_records_the_same_window_scores(group):
+def test_prefill_matches_torch_backend_and_records_the_same_window_scores(group, page_size):
     config = PolicyConfig(policy="snapkv", budget=16, window=4)
-    w = World(group, seed=1, config=config)
+    w = World(group, seed=1, config=config, page_size=page_size)
     slots, lens = [1, 2, 4], [30, 7, 20]
     new = torch.cat([w.fill(s, n) for s, n in zip(slots, lens)])
     for s, n in zip(slots, lens):
@@ -152,8 +161,9 @@ def test_prefill_matches_torch_backend_and_records_the_same_window_scores(group)
             assert a.shape == (H, w.lens[s] - 4) and torch.allclose(a, b, atol=1e-6)
 
 
-def test_chunked_prefill_merges_the_cached_prefix():
-    w = World(group=2, seed=2)
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_chunked_prefill_merges_the_cached_prefix(page_size):
+    w = World(group=2, seed=2, page_size=page_size)
     slots, prefix, ext = [1, 2, 3], [25, 0, 6], [5, 11, 1]
     for s, p in zip(slots, prefix):
         if p:
@@ -170,9 +180,10 @@ def test_chunked_prefill_merges_the_cached_prefix():
         assert torch.allclose(got, want, atol=1e-5)
 
 
-def test_extend_over_a_compressed_prefix_matches_direct_sdpa():
+@pytest.mark.parametrize("page_size", PAGE_SIZES)
+def test_extend_over_a_compressed_prefix_matches_direct_sdpa(page_size):
     """Each (layer, head) attends to its own kept prefix rows, then causally to the new tokens."""
-    w = World(group=3, seed=3)
+    w = World(group=3, seed=3, page_size=page_size)
     slots, prefix, ext = [1, 2], [30, 14], [4, 3]
     for s, p in zip(slots, prefix):
         w.write(w.fill(s, p))

@@ -128,3 +128,61 @@ def test_reference_matches_sdpa_on_built_tables():
                     q[i * 2 + h][None], k_rows[rows][None], v_rows[rows][None], scale=0.3
                 )[0]
                 assert torch.allclose(o[i * 2 + h], want, atol=1e-5)
+
+
+def paged_compressed_table(lens, layers=3, heads=2, page_size=16, seed=0):
+    """A paged row table holding requests of ``lens`` tokens (placed request by request, then
+    compressed: each (layer, head) keeps its own subset, packed into pages) and its K/V rows."""
+    from dkv_sglang.memory.paged_table import PagedRowTable
+
+    g = torch.Generator().manual_seed(seed)
+    t = PagedRowTable(layers, heads, 2 * sum(lens) + 64, 4 * sum(lens) + 64, page_size)
+    k_rows = torch.randn(t.num_rows + 1, 8, generator=g)
+    v_rows = torch.randn(t.num_rows + 1, 8, generator=g)
+
+    def move(src, dst):
+        k_rows[dst], v_rows[dst] = k_rows[src].clone(), v_rows[src].clone()
+
+    t.move = move
+    vids = t.alloc(sum(lens))
+    t.place(torch.zeros(len(lens), dtype=torch.int64), list(lens), vids)
+    reqs = list(torch.split(vids, list(lens)))
+    want = {}  # (request, layer, head) -> the K rows it keeps, in order (before packing moves them)
+    for i, r in enumerate(reqs):
+        keep = torch.rand(layers, heads, len(r), generator=g) < 0.5
+        keep[..., -1] = True
+        for layer in range(layers):
+            for h in range(heads):
+                rows = t.row_of[layer, h, r][keep[layer, h]].long()
+                want[i, layer, h] = (k_rows[rows].clone(), v_rows[rows].clone())
+        t.drop(r, keep)
+    t.check()
+    return t, reqs, k_rows, v_rows, want
+
+
+@pytest.mark.parametrize("page_size", [16, 4])
+def test_paged_pool_tables_give_page_ids_and_the_reference_the_kept_rows(page_size):
+    lens = [70, 5, 33]
+    t, reqs, k_rows, v_rows, want = paged_compressed_table(lens, page_size=page_size, seed=4)
+    tables = pt.build_tables(t.row_of, torch.cat(reqs), lens, page_size)
+    assert tables.page_size == page_size
+    q = torch.randn(len(lens) * 2, 3, 8)
+    for layer in range(3):
+        indptr, last = tables.indptr_cpu[layer].tolist(), tables.last_page_len_cpu[layer].tolist()
+        for i, r in enumerate(reqs):
+            for h in range(2):
+                e = i * 2 + h
+                rows = t.row_of[layer, h, r]
+                rows = rows[rows >= 0].long()
+                n = len(rows)
+                pages = tables.indices[indptr[e] : indptr[e + 1]].long()
+                assert len(pages) == -(-n // page_size) and last[e] == n - (len(pages) - 1) * page_size
+                assert pages.tolist() == (rows[::page_size] // page_size).tolist()
+        o, _ = paged_attention(
+            q, k_rows, v_rows, list(range(len(q) + 1)), indptr, tables.indices, last, page_size, 0.3, causal=False
+        )
+        for i in range(len(lens)):
+            for h in range(2):
+                k, v = want[i, layer, h]
+                ref = torch.nn.functional.scaled_dot_product_attention(q[i * 2 + h][None], k[None], v[None], scale=0.3)[0]
+                assert torch.allclose(o[i * 2 + h], ref, atol=1e-5)
