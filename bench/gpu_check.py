@@ -14,6 +14,8 @@ so a run cut short still reports what it finished.
    tables, one entry per request and KV head) vs FlashInfer driven as SGLang 0.5.23's backend drives
    it on full KV (one plan, ``[tokens, H, D]`` buffers per layer, same wrapper settings), with the same
    rows attended; kernels timed in CUDA graphs; planning (host) timed apart.
+   ``correctness_page16``: decode and prefill over the paged pool (``--page-size 16``: rows placed
+   per request, compressed and packed, one decode token appended), FlashInfer vs reference vs SDPA.
 3. ``greedy``: a tiny random Llama-style model generating greedily with attention through our path
    at a budget above the prompt length vs plain SDPA with a full cache; token-for-token.
 """
@@ -167,6 +169,76 @@ def correctness():
             "ok": max(err_ref, err_sdpa, err_graph, err_prefill) < TOL,
         }
     return out
+
+
+@part("correctness_page16")
+def correctness_page16(make_kernels=None):
+    """The same checks over the paged pool (``--page-size 16``): rows placed request by request,
+    compressed (kept rows packed into each entry's first pages), tables of page ids."""
+    from dkv_sglang.memory.paged_table import PagedRowTable
+
+    p, layers, heads, group, d = 16, 4, 2, 4, 128
+    scale = d**-0.5
+    lens = [700, 33, 1500, 260, 9]
+    g = torch.Generator(device="cpu").manual_seed(7)
+    table = PagedRowTable(layers, heads, 2 * sum(lens) + 512, 4 * sum(lens) + 512, p, device=DEV)
+    k_rows = torch.randn(table.num_rows + 1, d, dtype=DT, device=DEV)
+    v_rows = torch.randn(table.num_rows + 1, d, dtype=DT, device=DEV)
+
+    def move(src, dst):
+        k_rows[dst], v_rows[dst] = k_rows[src].clone(), v_rows[src].clone()
+
+    table.move = move
+    vids = table.alloc(sum(lens))
+    table.place(torch.zeros(len(lens), dtype=torch.int64), lens, vids)
+    reqs = list(torch.split(vids, lens))
+    for r in reqs:
+        keep = torch.rand(layers, heads, len(r), generator=g) < 0.4
+        keep[..., -1] = True
+        table.drop(r, keep.to(DEV))
+    step = table.alloc(len(lens))  # one decode token each, appended to its last pages
+    table.place(torch.stack([r[-1] for r in reqs]), [1] * len(lens), step)
+    reqs = [torch.cat([r, step[i : i + 1]]) for i, r in enumerate(reqs)]
+    seq = [len(r) for r in reqs]
+    tables = pt.build_tables(table.row_of, torch.cat(reqs), seq, p)
+    fi = (make_kernels or FlashInferKernels)(layers, heads, group, d, DT, DEV, max_rows=table.num_rows + 1, page_size=p)
+    ref = TorchPagedKernels()
+    q = torch.randn(len(lens) * heads, group, d, dtype=DT, device=DEV)
+    fi.plan_decode(tables, group, d, DT)
+    ref.plan_decode(tables, group, d, DT)
+    err_ref, err_sdpa = 0.0, 0.0
+    for layer in range(layers):
+        o = fi.decode(layer, q, k_rows, v_rows, scale).float()
+        err_ref = max(err_ref, (o - ref.decode(layer, q, k_rows, v_rows, scale).float()).abs().max().item())
+        for i, r in enumerate(reqs):
+            for h in range(heads):
+                rows = table.row_of[layer, h, r]
+                want = sdpa_rows(q[i * heads + h][None], k_rows, v_rows, rows[rows >= 0].long(), scale)[0]
+                err_sdpa = max(err_sdpa, (o[i * heads + h] - want).abs().max().item())
+    ext = [17, 1, 64, 5, 30]
+    t = sum(ext)
+    qp = torch.randn(t, heads * group, d, dtype=DT, device=DEV)
+    kp = torch.randn(t, heads, d, dtype=DT, device=DEV)
+    vp = torch.randn(t, heads, d, dtype=DT, device=DEV)
+    ragged_qo = torch.zeros(len(ext) + 1, dtype=torch.int32)
+    ragged_qo[1:] = torch.cumsum(torch.tensor(ext), 0)
+    order = pt.query_order(ext, heads, DEV)
+    for kern in (fi, ref):
+        kern.plan_extend(ragged_qo, tables, pt.qo_indptr(ext, heads), heads * group, d, DT)
+    err_prefill = 0.0
+    for layer in range(layers):
+        a = attend_extend(fi, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
+        b = attend_extend(ref, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
+        err_prefill = max(err_prefill, (a - b).abs().max().item())
+    table.check()
+    return {
+        "page_size": p,
+        "pages_used": table.num_pages - len(table.pages),
+        "decode_vs_reference": err_ref,
+        "decode_vs_sdpa": err_sdpa,
+        "prefill_vs_reference": err_prefill,
+        "ok": max(err_ref, err_sdpa, err_prefill) < TOL,
+    }
 
 
 # -- decode speed ---------------------------------------------------------------------------------------------
@@ -433,7 +505,7 @@ if __name__ == "__main__":
         save()
         sys.exit(1)
     save()
-    parts = sys.argv[1:] or ["correctness", "greedy", "decode_speed"]
+    parts = sys.argv[1:] or ["correctness", "correctness_page16", "greedy", "decode_speed"]
     for name in parts:
         globals()[name]()
     RESULT["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
