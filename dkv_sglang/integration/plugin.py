@@ -30,6 +30,9 @@ _REQUEST_LEVEL = (
     "SchedulerOutputStreamer.is_request_level_customized_info_key"
 )
 _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
+_STREAM_CHUNK = (
+    "sglang.srt.managers.scheduler_components.output_streamer._GenerationStreamAccumulator.accept"
+)
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -49,6 +52,7 @@ def register() -> None:
     # tokenizer side loads plugins once, possibly under an earlier engine's settings.
     HookRegistry.register(_REQUEST_LEVEL, _meta_keys_are_request_level, HookType.AROUND)
     HookRegistry.register(_META, _put_meta_keys, HookType.AROUND)
+    HookRegistry.register(_STREAM_CHUNK, _meta_keys_at_stream_end, HookType.AROUND)
     if not config.compresses:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
@@ -134,6 +138,27 @@ def _meta_keys_are_request_level(original, streamer, key):
     from .compressor import META_KEYS
 
     return key in META_KEYS or original(streamer, key)
+
+
+def _meta_keys_at_stream_end(original, accumulator, *args, **kwargs):
+    """SGLang sends a stream's request-level keys with its first chunk only, which leaves
+    before the policy has chosen: send ours with the stream's last chunk too."""
+    from .compressor import META_KEYS
+
+    req = kwargs["req"] if "req" in kwargs else args[0]
+    before = len(accumulator.rids)
+    original(accumulator, *args, **kwargs)
+    if not (req.stream and req.finished() and req.customized_info and len(accumulator.rids) > before):
+        return
+    for key in META_KEYS:
+        value = req.customized_info.get(key)
+        if value is None:
+            continue
+        per_request = accumulator.customized_info.setdefault(key, [[] for _ in accumulator.rids[:-1]])
+        if len(per_request) < len(accumulator.rids):
+            per_request.append(value)
+        else:
+            per_request[-1] = value
 
 
 def _put_meta_keys(original, manager, meta_info, state, customized_info, index, *args, **kwargs):

@@ -34,7 +34,9 @@ def unchunked(tiny_model, prompts, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(tiny_model, unchunked, tmp_path_factory):
-    args = _args(tiny_model, "--chunked-prefill-size", str(CHUNK), "--enable-metrics")
+    # (a random model fills free JSON whitespace until max_new_tokens: keep JSON compact)
+    args = _args(tiny_model, "--chunked-prefill-size", str(CHUNK), "--enable-metrics",
+                 "--constrained-json-disable-any-whitespace")
     with Server(args, tmp_path_factory.mktemp("features") / "server.log") as url:
         yield url
 
@@ -63,15 +65,20 @@ def test_chunked_prefill_keeps_the_same_rows_and_tokens(server, unchunked, promp
     assert _idle(server)
 
 
-def test_streaming_returns_the_same_tokens(server, prompts):
+def test_streaming_returns_the_same_tokens_and_what_was_kept(server, prompts):
     body = {"input_ids": prompts[0], "sampling_params": {"max_new_tokens": 16, "temperature": 0}}
-    whole = _generate(server, body).json()["output_ids"]
+    whole = _generate(server, body).json()
     chunks = []
     with requests.post(server + "/generate", json={**body, "stream": True}, stream=True, timeout=300) as r:
         for line in r.iter_lines():
             if line.startswith(b"data:") and line != b"data: [DONE]":
                 chunks.append(json.loads(line[5:]))
-    assert len(chunks) > 1 and chunks[-1]["output_ids"] == whole
+    assert len(chunks) > 1 and chunks[-1]["output_ids"] == whole["output_ids"]
+    last = chunks[-1]["meta_info"]
+    assert last["finish_reason"] is not None
+    for key in ("kv_kept_per_layer", "kv_prompt_tokens"):
+        assert last[key] == whole["meta_info"][key], key
+    assert last["kv_prompt_tokens"] == len(prompts[0])
 
 
 def test_parallel_samples_stop_strings_logprobs_and_regex(server, prompts):
@@ -87,6 +94,12 @@ def test_parallel_samples_stop_strings_logprobs_and_regex(server, prompts):
     import re
 
     assert re.fullmatch(r"(yes|no) [0-9]{3}", r.json()["text"])
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"],
+              "additionalProperties": False}
+    r = _generate(server, {"text": text, "sampling_params": {"max_new_tokens": 64, "temperature": 0,
+                                                             "json_schema": json.dumps(schema)}})
+    assert r.status_code == 200 and json.loads(r.json()["text"])["answer"] in ("yes", "no")
+    assert r.json()["meta_info"]["kv_prompt_tokens"] > BUDGET, "the constrained request was compressed"
     full = _generate(server, {"text": text, "sampling_params": {"max_new_tokens": 12, "temperature": 0}}).json()["text"]
     stop = full[len(full) // 2 : len(full) // 2 + 2]
     if stop.strip():
