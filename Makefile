@@ -4,7 +4,7 @@ MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
 
-.PHONY: setup serve test test-fast bench-throughput bench-quality lint clean
+.PHONY: setup serve test test-fast bench-throughput bench-quality bench-prefix lint clean
 
 setup:
 	bash runtime/setup.sh
@@ -20,6 +20,10 @@ test: setup
 # Full KV vs DynamicKV at equal KV memory through the real server (about 10 minutes on 2 cores).
 bench-throughput: setup
 	$(PY) -m bench.throughput --quick
+
+# Documents asked several questions: DynamicKV with SGLang's prefix cache vs without (about 5 minutes).
+bench-prefix: setup
+	$(PY) -m bench.prefix_cache
 
 # Quality per policy x budget against full KV on real models; the default is the README's quick
 # preset (SmolLM2, under 15 minutes on 2 cores). QUALITY="--model qwen" first installs the Qwen
