@@ -93,6 +93,26 @@ def sdpa_rows(q_entry, k_rows, v_rows, rows, scale):
     return torch.einsum("gnk,kd->ngd", p, v)
 
 
+def prefill_error(fi, ref, tables, ext, layers, heads, group, d, k_rows, v_rows, scale) -> float:
+    """Max |FlashInfer - reference| over every layer of one prefill: new tokens ``ext`` per
+    request (ragged, causal) over each (layer, head)'s paged prefix ``tables``."""
+    t = sum(ext)
+    qp = torch.randn(t, heads * group, d, dtype=DT, device=DEV)
+    kp = torch.randn(t, heads, d, dtype=DT, device=DEV)
+    vp = torch.randn(t, heads, d, dtype=DT, device=DEV)
+    ragged_qo = torch.zeros(len(ext) + 1, dtype=torch.int32)
+    ragged_qo[1:] = torch.cumsum(torch.tensor(ext), 0)
+    order = pt.query_order(ext, heads, DEV)
+    for kern in (fi, ref):
+        kern.plan_extend(ragged_qo, tables, pt.qo_indptr(ext, heads), heads * group, d, DT)
+    err = 0.0
+    for layer in range(layers):
+        a = attend_extend(fi, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
+        b = attend_extend(ref, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
+        err = max(err, (a - b).abs().max().item())
+    return err
+
+
 @part("correctness")
 def correctness():
     out = {}
@@ -144,20 +164,7 @@ def correctness():
         # prefill: new tokens (ragged, causal) + each (layer, head)'s compressed prefix (paged)
         ext = [17, 1, 64, 5, 30]
         new_ids = [table.alloc(e) for e in ext]
-        t = sum(ext)
-        qp = torch.randn(t, heads * group, d, dtype=DT, device=DEV)
-        kp = torch.randn(t, heads, d, dtype=DT, device=DEV)
-        vp = torch.randn(t, heads, d, dtype=DT, device=DEV)
-        ragged_qo = torch.zeros(len(ext) + 1, dtype=torch.int32)
-        ragged_qo[1:] = torch.cumsum(torch.tensor(ext), 0)
-        order = pt.query_order(ext, heads, DEV)
-        for kern in (fi, ref):
-            kern.plan_extend(ragged_qo, tables2, pt.qo_indptr(ext, heads), heads * group, d, DT)
-        err_prefill = 0.0
-        for layer in range(layers):
-            a = attend_extend(fi, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
-            b = attend_extend(ref, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
-            err_prefill = max(err_prefill, (a - b).abs().max().item())
+        err_prefill = prefill_error(fi, ref, tables2, ext, layers, heads, group, d, k_rows, v_rows, scale)
         for ids in new_ids:
             table.free(ids)
         out[f"group{group}"] = {
@@ -215,21 +222,7 @@ def correctness_page16(make_kernels=None):
                 rows = table.row_of[layer, h, r]
                 want = sdpa_rows(q[i * heads + h][None], k_rows, v_rows, rows[rows >= 0].long(), scale)[0]
                 err_sdpa = max(err_sdpa, (o[i * heads + h] - want).abs().max().item())
-    ext = [17, 1, 64, 5, 30]
-    t = sum(ext)
-    qp = torch.randn(t, heads * group, d, dtype=DT, device=DEV)
-    kp = torch.randn(t, heads, d, dtype=DT, device=DEV)
-    vp = torch.randn(t, heads, d, dtype=DT, device=DEV)
-    ragged_qo = torch.zeros(len(ext) + 1, dtype=torch.int32)
-    ragged_qo[1:] = torch.cumsum(torch.tensor(ext), 0)
-    order = pt.query_order(ext, heads, DEV)
-    for kern in (fi, ref):
-        kern.plan_extend(ragged_qo, tables, pt.qo_indptr(ext, heads), heads * group, d, DT)
-    err_prefill = 0.0
-    for layer in range(layers):
-        a = attend_extend(fi, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
-        b = attend_extend(ref, layer, qp, kp, vp, k_rows, v_rows, scale, order, heads).float()
-        err_prefill = max(err_prefill, (a - b).abs().max().item())
+    err_prefill = prefill_error(fi, ref, tables, [17, 1, 64, 5, 30], layers, heads, group, d, k_rows, v_rows, scale)
     table.check()
     return {
         "page_size": p,

@@ -1,8 +1,9 @@
 """The torch reference attention backend over the dkv pool (SGLang's CPU path).
 
-It computes what SGLang's ``torch_native`` backend computes, with the same SDPA call on the
-same key order, but reads each layer's keys through the row table: after compression a
-layer attends to exactly the rows it kept. During a prefill the policy will cut, it also
+It computes what SGLang's ``torch_native`` backend computes, with SDPA on the same key order,
+but reads each layer's keys through the row table: after compression a layer attends to exactly
+the rows it kept. An extend over a cached prefix (or an earlier chunk) runs its new queries only,
+under a mask, where torch_native pads the queries to the whole sequence. During a prefill the policy will cut, it also
 records the observation window's scores; a retracted request's replayed prefill attends
 as its decode steps did (see ``PrefillPlan``).
 """
@@ -88,17 +89,19 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             keys, values = self.pool.gather(layer.layer_id, vids)
             if keys.shape[1] != seq_len:
                 raise RuntimeError("extend over a compressed prefix is not supported")
-            # Queries padded to the full length so SDPA's causal mask lines up, as torch_native does.
             q_req = q_[start:end].movedim(0, 1)
-            q_full = q_req.new_empty((q_req.shape[0], seq_len, q_req.shape[2]))
-            q_full[:, prefix_len:, :] = q_req
             plan = self.pool.plan_of(rpi)
             if plan is not None and plan.replay is not None:
                 mask = replay_mask(plan.replay, layer.layer_id - self.pool.start_layer, seq_len)
-                out = self._attend(q_full, keys, values, layer, causal=False, mask=mask)
+                o[start:end] = self._attend(q_req, keys, values, layer, causal=False, mask=mask[:, prefix_len:])
+            elif prefix_len > 0:
+                # A cached prefix or an earlier chunk: only the new queries, each seeing the
+                # keys up to its own position (a prefix cache hit costs its new tokens only).
+                pos = torch.arange(seq_len, device=keys.device)
+                mask = (pos[None, :] <= pos[prefix_len:, None]).expand(keys.shape[0], -1, -1)
+                o[start:end] = self._attend(q_req, keys, values, layer, causal=False, mask=mask)
             else:
-                out = self._attend(q_full, keys, values, layer, causal=True)
-            o[start:end] = out[prefix_len:]
+                o[start:end] = self._attend(q_req, keys, values, layer, causal=True)
             if self.pool.needs_scores(rpi, seq_len):
                 w = min(self.config.window, ext_len)
                 prefix = seq_len - self.config.window

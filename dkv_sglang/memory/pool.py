@@ -72,7 +72,7 @@ class DkvKVPool(KVCache):
         self.row_page_size = row_page_size
         if row_page_size > 1:
             self.table = PagedRowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, row_page_size, device)
-            self.table.move = self._move_rows
+            self.table.move = self.copy_rows
         else:
             self.table = RowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, device)
         rows = self.table.num_rows + 1
@@ -113,8 +113,9 @@ class DkvKVPool(KVCache):
         self.k_rows[rows] = cache_k.reshape(-1, self.head_dim).to(self.store_dtype)
         self.v_rows[rows] = cache_v.reshape(-1, self.v_head_dim).to(self.store_dtype)
 
-    def _move_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy K/V head-rows (the paged table packing a compressed request's pages)."""
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy K/V head-rows (the paged table packing a compressed request's pages; a request
+        copying its kept rows out of the prefix cache)."""
         self.k_rows[dst] = self.k_rows[src]
         self.v_rows[dst] = self.v_rows[src]
 
@@ -219,9 +220,7 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
         if forked is None:
             return None
         new_vids, src, dst = forked
-        pool = self.get_kvcache()
-        pool.k_rows[dst] = pool.k_rows[src]
-        pool.v_rows[dst] = pool.v_rows[src]
+        self.get_kvcache().copy_rows(src, dst)
         return new_vids
 
     def compress(
