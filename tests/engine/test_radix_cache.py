@@ -19,6 +19,7 @@ pytestmark = pytest.mark.engine
 BUDGET = 32
 WINDOW = 8  # the policy's default window: always prefilled, never taken from the cache
 DOC = 300  # a shared document, then different questions
+OTHER_POLICIES = ("snapkv", "pyramidkv", "streamingllm")
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +40,11 @@ def _run(model, turns, **options):
         # one request at a time: each turn may hit what the earlier ones left in the cache
         outs = [engine.generate(input_ids=t, sampling_params=SAMPLING) for t in turns]
         burst = engine.generate(input_ids=turns, sampling_params=SAMPLING)  # all at once, all cached
-        return outs, burst, engine.dkv_stats()
+        stats = engine.dkv_stats()
+        # the other policies, per request, twice each: hits, since q2 was asked before
+        others = [engine.generate(input_ids=turns[1], sampling_params={**SAMPLING, "custom_params": {"kv_policy": p}})
+                  for p in OTHER_POLICIES for _ in range(2)]
+        return outs, burst, stats, others
     finally:
         engine.shutdown()
 
@@ -55,7 +60,7 @@ def uncached(tiny_model, turns):
 
 
 def test_shared_prefixes_are_cache_hits(cached, turns):
-    outs, burst, _ = cached
+    outs, burst, _, _ = cached
     hits = [o["meta_info"]["cached_tokens"] for o in outs]
     assert hits[0] == 0
     assert hits[1] == DOC, "the second question reuses the whole document"
@@ -65,8 +70,8 @@ def test_shared_prefixes_are_cache_hits(cached, turns):
 
 
 def test_a_hit_keeps_the_rows_and_tokens_of_a_miss(cached, uncached):
-    outs, burst, _ = cached
-    ref_outs, ref_burst, _ = uncached
+    outs, burst, _, _ = cached
+    ref_outs, ref_burst, _, _ = uncached
     for mine, ref in zip(outs + burst, ref_outs + ref_burst):
         assert mine["output_ids"] == ref["output_ids"]
         assert mine["meta_info"].get("kv_kept_per_layer") == ref["meta_info"].get("kv_kept_per_layer")
@@ -76,7 +81,7 @@ def test_a_hit_keeps_the_rows_and_tokens_of_a_miss(cached, uncached):
 
 
 def test_compressed_requests_hold_their_own_rows_and_the_cache_keeps_prompts_whole(cached, uncached):
-    _, _, stats = cached
+    _, _, stats, _ = cached
     L = TINY_LAYERS
     compressed = [r for r in stats["recent"]]
     assert len(compressed) == 8  # q1, q2, q1 alone, then again in the burst (the short one never)
@@ -86,6 +91,16 @@ def test_compressed_requests_hold_their_own_rows_and_the_cache_keeps_prompts_who
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
     assert stats["pool_rows_cached"] >= (DOC + 20 + 30) * L
     assert uncached[2]["pool_rows_cached"] == 0
+
+
+def test_every_policy_keeps_the_same_rows_and_tokens_on_a_hit(cached, uncached, turns):
+    others, ref = cached[3], uncached[3]
+    for i, policy in enumerate(p for p in OTHER_POLICIES for _ in range(2)):
+        mine = others[i]
+        assert mine["meta_info"]["cached_tokens"] == len(turns[1]) - WINDOW, policy  # q2 was asked before
+        assert mine["output_ids"] == ref[i]["output_ids"], policy
+        assert mine["meta_info"]["kv_kept_per_layer"] == ref[i]["meta_info"]["kv_kept_per_layer"], policy
+    assert ref[0]["meta_info"]["cached_tokens"] == 0
 
 
 @pytest.fixture(scope="module")
