@@ -30,6 +30,7 @@ _REQUEST_LEVEL = (
     "SchedulerOutputStreamer.is_request_level_customized_info_key"
 )
 _MAX_PREFIX = "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len"
+_ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 _STREAM_CHUNK = (
     "sglang.srt.managers.scheduler_components.output_streamer._GenerationStreamAccumulator.accept"
 )
@@ -63,6 +64,8 @@ def register() -> None:
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
     HookRegistry.register(_MAX_PREFIX, _leave_the_window_to_prefill, HookType.AFTER)
+    HookRegistry.register(f"{_ADDER}._select_prefill_admission", _first_chunk_leaves_the_window, HookType.AFTER)
+    HookRegistry.register(f"{_ADDER}.floor_chunked_tokens", _next_chunk_leaves_the_window, HookType.AFTER)
     if settings.page_size() > 1:  # physical pages of rows: placed once the ids meet their requests
         HookRegistry.register(f"{_BATCH}.prepare_for_extend", _place_extend, HookType.AFTER)
         HookRegistry.register(f"{_BATCH}.prepare_for_decode", _place_decode, HookType.AFTER)
@@ -225,6 +228,30 @@ def _leave_the_window_to_prefill(max_prefix_len, req, input_len):
     if getattr(req, REPLAY_ATTR, None) is not None:
         return min(max_prefix_len, prompt_len)
     return max(0, min(max_prefix_len, prompt_len - config.window))
+
+
+def _whole_window_cut(cut: int, remaining: int) -> int:
+    """A chunk of ``cut`` of the ``remaining`` tokens, shortened so that the last chunk holds the
+    whole observation window (its queries score the prompt, and a chunk sees only its own)."""
+    window = settings.current().window
+    if cut < remaining < cut + window and remaining > window:
+        return remaining - window
+    return cut
+
+
+def _first_chunk_leaves_the_window(admission, adder, req, **kwargs):
+    if getattr(admission, "is_chunked", False):  # (else an AddReqResult, or not cut)
+        from dataclasses import replace
+
+        remaining = len(req.full_untruncated_fill_ids) - admission.prefix_len
+        cut = _whole_window_cut(admission.extend_len, remaining)
+        if cut != admission.extend_len:
+            return replace(admission, extend_len=cut)
+    return admission
+
+
+def _next_chunk_leaves_the_window(cut, adder, trunc_len, remaining):
+    return _whole_window_cut(cut, remaining)
 
 
 def _verify_kv_params(result, sampling_params, *args, **kwargs):

@@ -27,9 +27,17 @@ def _args(tiny_model, *extra):
 # No in-process Engine in this module: shutting one down kills every child of the test process,
 # servers included. References come from a second server.
 @pytest.fixture(scope="module")
-def unchunked(tiny_model, prompts, tmp_path_factory):
+def chunk_prompts(prompts):
+    """The shared prompts, plus three whose last chunk would be shorter than the window (8):
+    5 x 64 + 3, 3 x 64 + 7 and 64 + 5 tokens (reversed: they share no prefix with the others)."""
+    return [*prompts, prompts[0][::-1][: CHUNK * 5 + 3], prompts[1][::-1][: CHUNK * 3 + 7],
+            prompts[2][::-1][: CHUNK + 5]]
+
+
+@pytest.fixture(scope="module")
+def unchunked(tiny_model, chunk_prompts, tmp_path_factory):
     with Server(_args(tiny_model), tmp_path_factory.mktemp("unchunked") / "server.log") as url:
-        return [_generate(url, {"input_ids": p, "sampling_params": SAMPLING}).json() for p in prompts]
+        return [_generate(url, {"input_ids": p, "sampling_params": SAMPLING}).json() for p in chunk_prompts]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +62,8 @@ def _idle(url):
     return s["pool_rows_free"] + s["pool_rows_cached"] == s["pool_rows_total"]
 
 
-def test_chunked_prefill_keeps_the_same_rows_and_tokens(server, unchunked, prompts):
-    for p, ref in zip(prompts, unchunked):
+def test_chunked_prefill_keeps_the_same_rows_and_tokens(server, unchunked, chunk_prompts):
+    for p, ref in zip(chunk_prompts, unchunked, strict=True):
         r = _generate(server, {"input_ids": p, "sampling_params": SAMPLING})
         assert r.status_code == 200
         out = r.json()
