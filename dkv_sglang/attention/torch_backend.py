@@ -3,9 +3,9 @@
 It computes what SGLang's ``torch_native`` backend computes, with SDPA on the same key order,
 but reads each layer's keys through the row table: after compression a layer attends to exactly
 the rows it kept. An extend over a cached prefix (or an earlier chunk) runs its new queries only,
-under a mask, where torch_native pads the queries to the whole sequence. During a prefill the policy will cut, it also
-records the observation window's scores; a retracted request's replayed prefill attends
-as its decode steps did (see ``PrefillPlan``).
+under a mask, where torch_native pads the queries to the whole sequence. During a prefill the
+policy will cut, it also records the observation window's scores; a retracted request's
+replayed prefill attends as its decode steps did (see ``PrefillPlan``).
 """
 
 from __future__ import annotations
