@@ -93,6 +93,25 @@ def sdpa_rows(q_entry, k_rows, v_rows, rows, scale):
     return torch.einsum("gnk,kd->ngd", p, v)
 
 
+def decode_errors(fi, ref, tables, table, reqs, q, k_rows, v_rows, scale) -> tuple[float, float]:
+    """One decode step planned on ``tables``, every layer: max |FlashInfer - reference| and max
+    |FlashInfer - SDPA over exactly the rows each (request, layer, head) holds|."""
+    entries, group, d = q.shape
+    heads = entries // len(reqs)
+    fi.plan_decode(tables, group, d, q.dtype)
+    ref.plan_decode(tables, group, d, q.dtype)
+    err_ref, err_sdpa = 0.0, 0.0
+    for layer in range(table.num_layers):
+        o = fi.decode(layer, q, k_rows, v_rows, scale).float()
+        err_ref = max(err_ref, (o - ref.decode(layer, q, k_rows, v_rows, scale).float()).abs().max().item())
+        for i, r in enumerate(reqs):
+            for h in range(heads):
+                rows = table.row_of[layer, h, r]
+                want = sdpa_rows(q[i * heads + h][None], k_rows, v_rows, rows[rows >= 0].long(), scale)[0]
+                err_sdpa = max(err_sdpa, (o[i * heads + h] - want).abs().max().item())
+    return err_ref, err_sdpa
+
+
 def prefill_error(fi, ref, tables, ext, layers, heads, group, d, k_rows, v_rows, scale) -> float:
     """Max |FlashInfer - reference| over every layer of one prefill: new tokens ``ext`` per
     request (ragged, causal) over each (layer, head)'s paged prefix ``tables``."""
@@ -126,17 +145,7 @@ def correctness():
         vids = torch.cat(reqs)
         tables = pt.build_tables(table.row_of, vids, lens)
         q = torch.randn(len(lens) * heads, group, d, dtype=DT, device=DEV)
-        fi.plan_decode(tables, group, d, DT)
-        ref.plan_decode(tables, group, d, DT)
-        err_ref, err_sdpa = 0.0, 0.0
-        for layer in range(layers):
-            o = fi.decode(layer, q, k_rows, v_rows, scale).float()
-            err_ref = max(err_ref, (o - ref.decode(layer, q, k_rows, v_rows, scale).float()).abs().max().item())
-            for i, r in enumerate(reqs):
-                for h in range(heads):
-                    rows = table.row_of[layer, h, r]
-                    want = sdpa_rows(q[i * heads + h][None], k_rows, v_rows, rows[rows >= 0].long(), scale)[0]
-                    err_sdpa = max(err_sdpa, (o[i * heads + h] - want).abs().max().item())
+        err_ref, err_sdpa = decode_errors(fi, ref, tables, table, reqs, q, k_rows, v_rows, scale)
         # CUDA graph: capture on one batch, re-plan another of the same size, replay
         fi.init_graphs()
         fi.graph_decode(len(lens) * heads)
@@ -211,17 +220,7 @@ def correctness_page16(make_kernels=None):
     fi = (make_kernels or FlashInferKernels)(layers, heads, group, d, DT, DEV, max_rows=table.num_rows + 1, page_size=p)
     ref = TorchPagedKernels()
     q = torch.randn(len(lens) * heads, group, d, dtype=DT, device=DEV)
-    fi.plan_decode(tables, group, d, DT)
-    ref.plan_decode(tables, group, d, DT)
-    err_ref, err_sdpa = 0.0, 0.0
-    for layer in range(layers):
-        o = fi.decode(layer, q, k_rows, v_rows, scale).float()
-        err_ref = max(err_ref, (o - ref.decode(layer, q, k_rows, v_rows, scale).float()).abs().max().item())
-        for i, r in enumerate(reqs):
-            for h in range(heads):
-                rows = table.row_of[layer, h, r]
-                want = sdpa_rows(q[i * heads + h][None], k_rows, v_rows, rows[rows >= 0].long(), scale)[0]
-                err_sdpa = max(err_sdpa, (o[i * heads + h] - want).abs().max().item())
+    err_ref, err_sdpa = decode_errors(fi, ref, tables, table, reqs, q, k_rows, v_rows, scale)
     err_prefill = prefill_error(fi, ref, tables, [17, 1, 64, 5, 30], layers, heads, group, d, k_rows, v_rows, scale)
     table.check()
     return {
