@@ -146,13 +146,13 @@ def _meta_keys_are_request_level(original, streamer, key):
 def _meta_keys_at_stream_end(original, accumulator, *args, **kwargs):
     """SGLang sends a stream's request-level keys with its first chunk only, which leaves
     before the policy has chosen: send ours with the stream's last chunk too."""
-    from .compressor import META_KEYS
-
     req = kwargs["req"] if "req" in kwargs else args[0]
     before = len(accumulator.rids)
     original(accumulator, *args, **kwargs)
     if not (req.stream and req.finished() and req.customized_info and len(accumulator.rids) > before):
         return
+    from .compressor import META_KEYS
+
     for key in META_KEYS:
         value = req.customized_info.get(key)
         if value is None:

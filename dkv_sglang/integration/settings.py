@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 from ..policy import PolicyConfig
@@ -15,9 +16,15 @@ def publish(config: PolicyConfig) -> None:
 
 
 def current() -> PolicyConfig:
-    """The published settings; vanilla ``full`` when none were published."""
+    """The published settings; vanilla ``full`` when none were published. (Scheduler hooks
+    ask for it per request: parsed once per published text.)"""
     text = os.environ.get(ENV_VAR)
-    return PolicyConfig.from_json(text) if text else PolicyConfig()
+    return _parse(text) if text else PolicyConfig()
+
+
+@functools.lru_cache(maxsize=8)
+def _parse(text: str) -> PolicyConfig:
+    return PolicyConfig.from_json(text)
 
 
 PAGE_SIZE_VAR = "DKV_SGLANG_PAGE_SIZE"
