@@ -1,15 +1,23 @@
-"""Quality results -> accuracy tables, percent of full KV, the issue's targets (pure Python).
+"""Quality results -> tables with intervals and paired tests, percent of full, targets (pure Python).
 
-A result is one dict per request: ``task``, ``length``, ``depth``, ``policy``, ``budget``
-(``None`` for full KV), ``correct`` and, for compressed requests, ``kept_per_layer``.
-"Average accuracy" is the mean over tasks of each task's accuracy, so tasks with many cases
-(niah) do not outweigh the others.
+A result is one dict per request: ``case``, ``task``, ``length``, ``depth``, ``policy``,
+``budget`` (``None`` for full KV), ``score`` in [0, 1] (0/1 for exact tasks, graded for cwe, code
+and continuation), ``correct`` and, for compressed requests, ``kept_per_layer``.
+
+Every cell says how many prompts it holds. Intervals are 95%: Wilson for 0/1 tasks, a bootstrap
+over prompts for graded ones and for the average over tasks (prompts resampled within each task,
+then the mean over tasks). "Average" is the mean over tasks of each task's mean, so tasks with
+many cases do not outweigh the others. DynamicKV vs SnapKV is paired on the same prompts: the
+exact McNemar test (for graded scores the same exact sign test over prompts where they differ).
 """
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from statistics import mean
+
+from . import stats
 
 FULL = "full"
 
@@ -18,18 +26,42 @@ def key(result: dict) -> tuple[str, int | None]:
     return result["policy"], result["budget"]
 
 
-def task_accuracy(results, **where) -> dict[str, float]:
-    """Accuracy per task over the results matching ``where`` (e.g. policy=..., budget=...)."""
-    hits = defaultdict(list)
+def _score(r: dict) -> float:
+    return float(r["score"]) if r.get("score") is not None else float(bool(r["correct"]))
+
+
+def task_scores(results, **where) -> dict[str, list[float]]:
+    """Per task, the scores of the results matching ``where`` (e.g. policy=..., budget=...)."""
+    out = defaultdict(list)
     for r in results:
         if all(r[k] == v for k, v in where.items()):
-            hits[r["task"]].append(bool(r["correct"]))
-    return {task: mean(h) for task, h in sorted(hits.items())}
+            out[r["task"]].append(_score(r))
+    return dict(sorted(out.items()))
+
+
+def task_accuracy(results, **where) -> dict[str, float]:
+    """Mean score per task over the results matching ``where``."""
+    return {task: mean(v) for task, v in task_scores(results, **where).items()}
 
 
 def average(results, **where) -> float | None:
     acc = task_accuracy(results, **where)
     return mean(acc.values()) if acc else None
+
+
+def interval(values: list[float]) -> tuple[float, float]:
+    """95% interval of a mean score: Wilson when every score is 0 or 1, else bootstrap."""
+    if all(v in (0.0, 1.0) for v in values):
+        return stats.wilson(int(sum(values)), len(values))
+    return stats.bootstrap_mean(values)
+
+
+def average_interval(per_task: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Stratified bootstrap of the mean over tasks: prompts resampled within each task."""
+    rng = random.Random(seed)
+    groups = [v for v in per_task.values() if v]
+    draws = sorted(mean(mean(rng.choices(g, k=len(g))) for g in groups) for _ in range(reps))
+    return draws[int(0.025 * (reps - 1))], draws[int(round(0.975 * (reps - 1)))]
 
 
 def percent_of(value: float | None, full: float | None) -> float | None:
@@ -40,35 +72,92 @@ def percent_of(value: float | None, full: float | None) -> float | None:
 
 
 def grid(results, policies, budgets, **where) -> dict[tuple[str, int], float | None]:
-    """Average accuracy of each compressing (policy, budget)."""
+    """Average score of each compressing (policy, budget)."""
     return {(p, b): average(results, policy=p, budget=b, **where) for p in policies for b in budgets}
 
 
+def by_prompt(results, policy: str, budget: int | None, task: str | None = None) -> dict[str, float]:
+    """``{case name: score}`` of one (policy, budget), optionally one task."""
+    return {r["case"]: _score(r) for r in results
+            if key(r) == (policy, budget) and (task is None or r["task"] == task)}
+
+
+def paired(results, first: str, second: str, budget: int, task: str | None = None) -> stats.Paired:
+    """Exact McNemar / sign test of ``first`` vs ``second`` at ``budget`` on the prompts both answered."""
+    a, b = by_prompt(results, first, budget, task), by_prompt(results, second, budget, task)
+    common = set(a) & set(b)
+    better = sum(1 for k in common if a[k] > b[k])
+    worse = sum(1 for k in common if b[k] > a[k])
+    return stats.Paired(len(common), better, worse, stats.binom_two_sided(better, better + worse))
+
+
+def cell(values: list[float]) -> str:
+    if not values:
+        return "n/a"
+    lo, hi = interval(values)
+    return f"{100 * mean(values):.0f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
 def markdown(results, policies, budgets) -> str:
-    """Average accuracy per policy x budget with percent of full KV, then per task."""
-    full = average(results, policy=FULL)
+    """Average over tasks per policy x budget (interval, % of full), per-task tables, paired tests."""
     compressing = [p for p in policies if p != FULL]
-    acc = grid(results, compressing, budgets)
-    lines = [f"Full KV: {_pct(full)} average accuracy over tasks.", "",
-             "| policy | " + " | ".join(f"{b}" for b in budgets) + " |",
-             "|---|" + "---|" * len(budgets)]
+    full_tasks = task_scores(results, policy=FULL)
+    full = average(results, policy=FULL)
+    counts = sorted({len(v) for b in budgets for p in compressing
+                     for v in task_scores(results, policy=p, budget=b).values()})
+    lines = [f"Scores in % with 95% intervals; prompts per (task, policy, budget) cell: "
+             f"{', '.join(map(str, counts)) or 'none'}; tasks: "
+             + ", ".join(f"{t} ({len(v)})" for t, v in full_tasks.items()) + ".", ""]
+    if full_tasks:
+        lo, hi = average_interval(full_tasks)
+        lines += [f"Full KV: {100 * full:.0f} [{100 * lo:.0f}, {100 * hi:.0f}] average over tasks.", ""]
+    lines += ["Average over tasks (and as % of full KV's average):", "",
+              "| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for p in compressing:
-        cells = [f"{_pct(acc[p, b])} ({_pct(percent_of(acc[p, b], full), ratio=False)} of full)" for b in budgets]
+        cells = []
+        for b in budgets:
+            per_task = task_scores(results, policy=p, budget=b)
+            if not per_task:
+                cells.append("n/a")
+                continue
+            avg = average(results, policy=p, budget=b)
+            lo, hi = average_interval(per_task)
+            cells.append(f"{100 * avg:.0f} [{100 * lo:.0f}, {100 * hi:.0f}] ({_pct(percent_of(avg, full))})")
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    lines += ["", "Per task (accuracy; full KV first):", "",
-              "| task | full | " + " | ".join(f"{p}@{b}" for p in compressing for b in budgets) + " |",
-              "|---|---|" + "---|" * (len(compressing) * len(budgets))]
-    full_tasks = task_accuracy(results, policy=FULL)
     for task, f in full_tasks.items():
-        cells = [_pct(task_accuracy(results, policy=p, budget=b).get(task)) for p in compressing for b in budgets]
-        lines.append(f"| {task} | {_pct(f)} | " + " | ".join(cells) + " |")
+        lines += ["", f"**{task}** ({len(f)} prompts per cell; full KV {cell(f)}):", "",
+                  "| policy | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+        for p in compressing:
+            cells = [cell(task_scores(results, policy=p, budget=b).get(task, [])) for b in budgets]
+            lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    if {"dynamickv", "snapkv"} <= set(compressing):
+        lines += ["", paired_markdown(results, list(full_tasks), budgets)]
     return "\n".join(lines) + "\n"
 
 
-def _pct(x: float | None, ratio: bool = True) -> str:
+def paired_markdown(results, task_names, budgets) -> str:
+    """DynamicKV minus SnapKV per task and budget: difference in points, prompts won:lost, p."""
+    lines = ["DynamicKV vs SnapKV on the same prompts (difference in points; prompts where DynamicKV "
+             "scored higher : lower; exact two-sided p):", "",
+             "| task | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for task in [*task_names, None]:
+        cells = []
+        for b in budgets:
+            t = paired(results, "dynamickv", "snapkv", b, task)
+            if not t.n:
+                cells.append("n/a")
+                continue
+            d, s = by_prompt(results, "dynamickv", b, task), by_prompt(results, "snapkv", b, task)
+            diff = 100 * (mean(d.values()) - mean(s.values()))
+            cells.append(f"{diff:+.0f} ({t.first_only}:{t.second_only}, p={stats.fmt_p(t.p_value)})")
+        lines.append(f"| {task or 'all tasks (pooled prompts)'} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None, ratio: bool = False) -> str:
     if x is None:
         return "n/a"
-    return f"{100 * x:.0f}%" if ratio else f"{x:.0f}%"
+    return f"{100 * x:.0f}%" if ratio else f"{x:.0f}% of full"
 
 
 def niah_grid(results, policy: str, budget: int | None) -> dict[tuple[int, float], float]:
@@ -76,7 +165,7 @@ def niah_grid(results, policy: str, budget: int | None) -> dict[tuple[int, float
     cells = defaultdict(list)
     for r in results:
         if r["task"] == "niah" and key(r) == (policy, budget):
-            cells[r["length"], r["depth"]].append(bool(r["correct"]))
+            cells[r["length"], r["depth"]].append(_score(r))
     return {k: mean(v) for k, v in sorted(cells.items())}
 
 
@@ -93,18 +182,24 @@ def targets(results, budgets, long_length: int = 4000) -> list[dict]:
     """The issue's targets, each with what was measured and whether it held."""
     out = []
     for b in [b for b in budgets if b <= 256]:
-        d, s, st = (average(results, policy=p, budget=b) for p in ("dynamickv", "snapkv", "streamingllm"))
-        if None not in (d, s, st):
-            out.append({"target": f"dynamickv >= snapkv >= streamingllm at budget {b}",
-                        "measured": f"{100 * d:.0f}% / {100 * s:.0f}% / {100 * st:.0f}%",
-                        "held": d >= s >= st})
+        d, s = (average(results, policy=p, budget=b) for p in ("dynamickv", "snapkv"))
+        if None not in (d, s):
+            t = paired(results, "dynamickv", "snapkv", b)
+            out.append({"target": f"dynamickv >= snapkv averaged over tasks at budget {b}",
+                        "measured": f"{100 * d:.1f} vs {100 * s:.1f} ({t.first_only}:{t.second_only} prompts, "
+                                    f"p={stats.fmt_p(t.p_value)}: {_verdict(t)})",
+                        "held": d >= s})
     d = average(results, policy="dynamickv", budget=128, length=long_length)
     full = average(results, policy=FULL, length=long_length)
     pct = percent_of(d, full)
     if pct is not None:
         out.append({"target": f"dynamickv@128 on {long_length}-token prompts >= 90% of full KV",
-                    "measured": f"{pct:.0f}% ({100 * d:.0f}% vs {100 * full:.0f}%)", "held": pct >= 90})
+                    "measured": f"{pct:.0f}% ({100 * d:.0f} vs {100 * full:.0f})", "held": pct >= 90})
     return out
+
+
+def _verdict(t: stats.Paired) -> str:
+    return {"first better": "dynamickv better", "second better": "snapkv better"}.get(t.verdict, t.verdict)
 
 
 def checks(results, min_full: float = 0.8) -> list[str]:
@@ -112,9 +207,11 @@ def checks(results, min_full: float = 0.8) -> list[str]:
     token; StreamingLLM loses mid-context needles (proof that rows were dropped)."""
     out = []
     for task, acc in task_accuracy(results, policy=FULL).items():
+        if task == "continuation":
+            continue  # full KV agrees with itself by definition
         verdict = "usable" if acc >= min_full else f"UNINFORMATIVE (below {100 * min_full:.0f}%)"
         out.append(f"full KV on {task}: {100 * acc:.0f}%: {verdict}")
-    correct = [r for r in results if r["correct"]]
+    correct = [r for r in results if r["correct"] and r["task"] not in ("code", "continuation")]
     first = sum(r["answer_first"] for r in correct)
     out.append(f"correct replies whose first word is the answer (from the full-KV prefill): {first} of {len(correct)}")
     mid = [r for r in results if r["policy"] == "streamingllm" and r["task"] == "niah"

@@ -7,9 +7,14 @@ import pytest
 from bench import quality, summary
 
 
-def r(task, policy, budget, correct, length=1000, depth=None, kept=None, prompt_tokens=1000):
-    return {"task": task, "policy": policy, "budget": budget, "correct": correct, "length": length,
-            "depth": depth, "kept_per_layer": kept, "prompt_tokens": prompt_tokens, "answer_first": False}
+_N = iter(range(10**6))
+
+
+def r(task, policy, budget, correct, length=1000, depth=None, kept=None, prompt_tokens=1000, case=None, score=None):
+    case = case or f"{task}-{depth}-{next(_N) // 4}"
+    return {"case": case, "task": task, "policy": policy, "budget": budget, "correct": correct, "length": length,
+            "depth": depth, "kept_per_layer": kept, "prompt_tokens": prompt_tokens, "answer_first": False,
+            "score": score}
 
 
 RESULTS = [
@@ -36,18 +41,47 @@ def test_average_is_over_tasks_and_percent_of_full():
     assert summary.average(RESULTS, policy="pyramidkv", budget=128) is None
 
 
-def test_markdown_table_cells():
+def test_markdown_tables_carry_counts_intervals_and_percent_of_full():
     md = summary.markdown(RESULTS, ["full", "dynamickv", "snapkv"], [128])
-    assert "Full KV: 75%" in md
-    assert "| dynamickv | 50% (67% of full) |" in md
-    assert "| snapkv | 25% (33% of full) |" in md
-    assert "| spread | 50% | 50% | 0% |" in md
+    assert "prompts per (task, policy, budget) cell: 2" in md and "niah (2), spread (2)" in md
+    assert "| dynamickv | 50 [" in md and "(67% of full) |" in md
+    assert "**spread** (2 prompts per cell; full KV 50 [9, 91])" in md  # Wilson 1 of 2
+    assert "| snapkv | 0 [0, 66] |" in md  # spread: Wilson 0 of 2
+    assert "DynamicKV vs SnapKV" in md
 
 
 def test_targets_report_what_held():
     (order, long) = summary.targets(RESULTS, [128, 512], long_length=1000)
-    assert order["held"] and order["measured"] == "50% / 25% / 0%"
+    assert order["held"] and order["measured"].startswith("50.0 vs 25.0 (")
     assert not long["held"] and long["measured"].startswith("67%")
+
+
+def test_paired_test_uses_the_same_prompts():
+    res = []
+    for i in range(12):  # dynamickv right on 10 prompts snapkv misses, wrong on 1 it gets
+        res.append(r("niah", "dynamickv", 64, i < 10, case=f"c{i}"))
+        res.append(r("niah", "snapkv", 64, i == 11, case=f"c{i}"))
+    t = summary.paired(res, "dynamickv", "snapkv", 64)
+    assert (t.n, t.first_only, t.second_only) == (12, 10, 1)
+    assert t.p_value == pytest.approx(2 * 12 / 2**11)
+    assert "+75 (10:1, p=0.012)" in summary.paired_markdown(res, ["niah"], [64])
+    (target,) = summary.targets(res, [64])
+    assert target["held"] and "dynamickv better" in target["measured"]
+
+
+def test_graded_scores_use_bootstrap_and_sign_test():
+    res = [r("code", "dynamickv", 32, False, case=f"c{i}", score=0.5 + 0.01 * i) for i in range(20)]
+    res += [r("code", "snapkv", 32, False, case=f"c{i}", score=0.5) for i in range(20)]
+    lo, hi = summary.interval(summary.task_scores(res, policy="dynamickv")["code"])
+    assert lo < 0.595 < hi and hi - lo < 0.1
+    t = summary.paired(res, "dynamickv", "snapkv", 32)
+    assert (t.first_only, t.second_only) == (19, 0) and t.p_value < 1e-4  # c0 ties
+
+
+def test_average_interval_brackets_the_average():
+    per_task = {"a": [1.0] * 8 + [0.0] * 2, "b": [0.0] * 5 + [1.0] * 5}
+    lo, hi = summary.average_interval(per_task)
+    assert lo < 0.65 < hi and 0.4 < lo and hi < 0.9
 
 
 def test_niah_grid_and_layer_budget_shapes():
@@ -64,8 +98,10 @@ def test_checks_name_streamingllm_and_uninformative_tasks():
 
 def test_quick_preset_and_requests():
     args = quality.parse(["--quick"])
-    assert args.model == "smollm2" and args.tasks == ("niah",) and args.name == "quality-quick-smollm2"
-    assert args.budgets == [32, 64, 128, 256, 512] and args.lengths == quality.PRESETS["quick"]["lengths"]
+    assert args.model == "smollm2" and "followup" in args.tasks and "code" in args.tasks and args.name == "quality-quick-smollm2"
+    assert args.budgets == [32, 64, 128, 256] and args.lengths == quality.PRESETS["quick"]["lengths"]
+    std = quality.parse(["--standard"])
+    assert std.name == "quality-standard-smollm2" and len(std.depths) * std.seeds >= 100
     cases = ["a", "b"]
     reqs = quality.requests_for(cases, ["dynamickv", "snapkv"], [32, 64])
     assert len(reqs) == 2 * (1 + 2 * 2) and reqs[0] == ("a", "full", None)
