@@ -9,6 +9,7 @@ about one sentence (~25 tokens).
 from __future__ import annotations
 
 import importlib.metadata
+import re
 from functools import lru_cache
 
 
@@ -20,6 +21,12 @@ def essays() -> str:
         key=str,
     )
     return " ".join(" ".join(f.locate().read_text().split()) for f in files)
+
+
+@lru_cache(maxsize=1)
+def vocabulary(min_len: int = 6, max_len: int = 10) -> list[str]:
+    """The essays' distinct lowercase words of ``min_len``..``max_len`` letters, sorted."""
+    return sorted({w for w in re.findall(r"\b[a-z]+\b", essays()) if min_len <= len(w) <= max_len})
 
 
 def filler(tokenizer, n_tokens: int, offset: int = 0) -> str:

@@ -1,14 +1,18 @@
 """What each policy keeps of full-KV accuracy, with real models through the real engine.
 
-    python -m bench.quality --quick                  # SmolLM2, the README's table (< 15 min, 2 cores)
-    python -m bench.quality --model qwen             # the full sweep on Qwen2.5-Coder-0.5B (hours)
-    python -m bench.quality --model qwen --lengths 4000 --budgets 64 128 --tasks niah multikey
+    python -m bench.quality --quick        # smoke: SmolLM2, 4 prompts per cell (<= 15 min, 2 cores)
+    python -m bench.quality --standard     # the README's numbers: 100 prompts per cell (~2 h, 2 cores)
+    python -m bench.quality --model qwen   # the full sweep (lengths 1k-8k, 200 prompts per cell): hours
+    python -m bench.quality --model qwen --tasks code --lengths 4000 --seeds 25
 
 One ``dkv_sglang.Engine`` per run, started with ``--kv-policy dynamickv``; every (case, policy,
 budget) is its own request carrying ``custom_params = {"kv_policy": ..., "kv_budget": ...}``
 (``{"kv_policy": "full"}`` for full KV), up to 16 in flight at once so SGLang batches them.
-Greedy decoding, float32, seeded prompts: the same command gives the same numbers.
-Each reply is matched to the rows its layers kept through its request id.
+Greedy decoding, bfloat16, seeded prompts: the same command gives the same numbers.
+Each reply is matched to the rows its layers kept through its request id. Every case is asked
+once per (policy, budget), full KV first: SGLang's prefix cache holds the prompt, so only the
+first ask pays its prefill. ``followup`` cases first send their document alone (one token).
+Tables carry prompt counts, 95% intervals and DynamicKV-vs-SnapKV paired p-values (summary.py).
 
 Writes ``bench/results/quality-<preset>-<model>.{json,md}``, a NIAH heat map per policy
 (``...-niah-<policy>.png``) and DynamicKV's per-layer budget averaged per task (``...-layers.png``).
@@ -28,13 +32,16 @@ from . import plots, summary, tasks
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
-BUDGETS = (32, 64, 128, 256, 512)
+BUDGETS = (32, 64, 128, 256)
 # What each model can do with full KV decides its tasks: SmolLM2 fails multi-key (DESIGN 2) and
 # spread (measured at full KV, 1k tokens: 0 of 3 in this form, 0 of 6 in two others).
-MODEL_TASKS = {"smollm2": ("niah",), "qwen": ("niah", "multikey", "spread")}
+SHARED_TASKS = ("niah", "followup", "cwe", "code", "continuation")
+MODEL_TASKS = {"smollm2": SHARED_TASKS, "qwen": (*SHARED_TASKS, "multikey", "spread")}
+# Cases per (task, length): len(depths) x seeds (multikey and spread: seeds).
 PRESETS = {
-    "full": {"lengths": (1000, 2000, 4000, 8000), "depths": (0.0, 0.25, 0.5, 0.75, 1.0), "seeds": 2},
     "quick": {"lengths": (1000,), "depths": (0.2, 0.4, 0.6, 0.8), "seeds": 1},
+    "standard": {"lengths": (1000,), "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "seeds": 20},
+    "full": {"lengths": (1000, 2000, 4000, 8000), "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "seeds": 40},
 }
 CHUNK = 256  # requests per round: /dkv/stats keeps the last 256 compressed requests
 IN_FLIGHT = 16  # SGLang batches these; more only delays every reply (CPU prefill is compute-bound)
@@ -42,7 +49,9 @@ IN_FLIGHT = 16  # SGLang batches these; more only delays every reply (CPU prefil
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the small preset quoted in the README")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="smoke preset: 4 prompts per cell, <= 15 min")
+    size.add_argument("--standard", action="store_true", help="100 prompts per cell, ~2 h on 2 cores")
     p.add_argument("--model", choices=sorted(MODEL_TASKS), default="smollm2")
     p.add_argument("--tasks", nargs="+", choices=tasks.TASKS, help="default: those the model passes at full KV")
     p.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens")
@@ -53,12 +62,12 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
     args = p.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "full"]
-    for k, v in preset.items():
+    args.preset = "quick" if args.quick else "standard" if args.standard else "full"
+    for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
-    args.name = args.name or f"quality-{'quick' if args.quick else 'full'}-{args.model}"
+    args.name = args.name or f"quality-{args.preset}-{args.model}"
     return args
 
 
@@ -73,9 +82,13 @@ def custom_params(policy: str, budget: int | None) -> dict:
 
 
 def run(engine, requests) -> list[dict]:
-    """Send the requests ``CHUNK`` at a time, ``IN_FLIGHT`` of them at once; one result per request."""
+    """Send the requests ``CHUNK`` at a time, ``IN_FLIGHT`` of them at once; one result per request.
+    Documents of follow-up cases go first, alone, so the prefix cache holds them."""
     from tqdm import tqdm
 
+    warm = list({c.name: c for c, _, _ in requests if c.warm_ids}.values())
+    if warm:
+        engine.loop.run_until_complete(_warm(engine, warm))
     out = []
     with tqdm(total=len(requests), desc="requests", unit="req") as bar:
         for start in range(0, len(requests), CHUNK):
@@ -83,7 +96,30 @@ def run(engine, requests) -> list[dict]:
             replies = engine.loop.run_until_complete(_send(engine, chunk, bar))
             recent = {r["rid"]: r["kept_per_layer"] for r in engine.dkv_stats()["recent"]}
             out += [_result(req, reply, recent) for req, reply in zip(chunk, replies)]
-    return out
+    return score_continuations(out)
+
+
+async def _warm(engine, cases) -> None:
+    gate = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(case):
+        async with gate:
+            await engine.async_generate(input_ids=list(case.warm_ids), rid=f"{case.name}.document",
+                                        sampling_params={"max_new_tokens": 1, "temperature": 0,
+                                                         "custom_params": custom_params(summary.FULL, None)})
+
+    await asyncio.gather(*(one(c) for c in cases))
+
+
+def score_continuations(results: list[dict]) -> list[dict]:
+    """Score each continuation against full KV's reply to the same case (token agreement)."""
+    reference = {r["case"]: r["output_ids"] for r in results
+                 if r["task"] == "continuation" and r["policy"] == summary.FULL}
+    for r in results:
+        if r["task"] == "continuation" and r["case"] in reference:
+            r["score"], r["first_divergence"] = tasks.agreement(r["output_ids"], reference[r["case"]])
+            r["correct"] = r["score"] == 1.0
+    return results
 
 
 async def _send(engine, chunk, bar) -> list[dict]:
@@ -109,10 +145,16 @@ def _result(request, reply, recent) -> dict:
     case, policy, budget = request
     meta = reply["meta_info"]
     kept = meta.get("kv_kept_per_layer") or recent.get(meta["id"])
-    return {"case": case.name, "task": case.task, "length": case.length, "depth": case.depth,
-            "seed": case.seed, "policy": policy, "budget": budget, "prompt_tokens": meta["prompt_tokens"],
-            "reply": reply["text"], "answers": list(case.answers), "correct": tasks.score(case, reply["text"]),
-            "answer_first": tasks.answer_first(case, reply["text"]), "kept_per_layer": kept}
+    text = reply["text"]
+    score = tasks.graded(case, text)
+    out = {"case": case.name, "task": case.task, "length": case.length, "depth": case.depth,
+           "seed": case.seed, "policy": policy, "budget": budget, "prompt_tokens": meta["prompt_tokens"],
+           "cached_tokens": meta.get("cached_tokens"), "reply": text, "answers": list(case.answers),
+           "score": score, "correct": score == 1.0, "answer_first": tasks.answer_first(case, text),
+           "kept_per_layer": kept}
+    if case.task == "continuation":
+        out["output_ids"] = list(reply.get("output_ids") or [])
+    return out
 
 
 def start_engine(model: str, max_total_tokens: int):
@@ -120,7 +162,7 @@ def start_engine(model: str, max_total_tokens: int):
     from runtime.prepare_model import prepare
 
     return dkv_sglang.Engine(model_path=str(prepare(model)), kv_policy="dynamickv", kv_budget=128,
-                             dtype="float32", max_total_tokens=max_total_tokens, log_level="error",
+                             dtype="bfloat16", max_total_tokens=max_total_tokens, log_level="error",
                              random_seed=0)
 
 
@@ -141,7 +183,7 @@ def write(args, results, wall_s: float) -> list[Path]:
 
 
 def markdown(args, results, wall_s: float) -> str:
-    lines = [f"# {args.name}: {args.model}, tasks {', '.join(args.tasks)}, lengths {args.lengths}",
+    lines = [f"# {args.name}: {args.model}, tasks {', '.join(args.tasks)}, lengths {args.lengths}, bfloat16",
              "", summary.markdown(results, [summary.FULL, *args.policies], args.budgets), "## Checks", ""]
     lines += [f"- {c}" for c in summary.checks(results)]
     lines += ["", "## Targets", ""]

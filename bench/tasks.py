@@ -15,8 +15,22 @@ Tasks:
   (A first form, three names of "members of the secret club", failed at full KV on both models:
   they listed people from the essays.)
 
-Values are concrete nouns drawn with a seed from the case's own name, so the same arguments
-always build the same prompts.
+- ``followup``: ``niah`` asked the way a chat asks it: the document is sent first (its own
+  request, so SGLang's prefix cache holds it), then the question arrives as a follow-up turn
+  (document, a short assistant turn, the question). The compressing policies score the
+  follow-up's own prompt, so the question is inside their observation window.
+- ``cwe``: aggregation (RULER's common-words form): a numbered list of essay words in which three
+  words appear far more often than the rest; asked for the three. Graded: the share of the three
+  in the reply (``correct`` only when all three are).
+- ``code``: LongBench's LCC form on real Python files of installed packages (transformers,
+  sglang, numpy, ...): a file prefix cut just before a non-trivial line; the first non-empty,
+  non-comment line of the reply is scored by edit similarity (``codeio.edit_similarity``).
+- ``continuation``: raw essay text, continued for 32 greedy tokens; scored against full KV's own
+  32 tokens (share of positions that agree; first divergence kept too). Full KV scores 1 by
+  definition, so this task shows only how far each policy drifts.
+
+Values are drawn with a seed from the case's own name, so the same arguments always build the
+same prompts.
 """
 
 from __future__ import annotations
@@ -25,12 +39,15 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from . import haystack
+from . import codeio, haystack
 
-TASKS = ("niah", "multikey", "spread")
+TASKS = ("niah", "multikey", "spread", "followup", "cwe", "code", "continuation")
 # Reply tokens per task: room for the restated question and the answer words, no more (on a
 # CPU every decode step of every request costs).
-REPLY_TOKENS = {"niah": 16, "multikey": 16, "spread": 32}
+REPLY_TOKENS = {"niah": 16, "multikey": 16, "spread": 32, "followup": 16, "cwe": 32, "code": 24,
+                "continuation": 32}
+# Tasks scored against something other than fixed answer words.
+GRADED = ("cwe", "code", "continuation")
 
 WORDS = (
     "lighthouse", "saxophone", "avalanche", "pineapple", "telescope", "volcano", "harmonica",
@@ -53,6 +70,7 @@ class Case:
     prompt_ids: tuple[int, ...] = field(repr=False)
     answers: tuple[str, ...]
     distractors: tuple[str, ...] = ()
+    warm_ids: tuple[int, ...] = field(default=(), repr=False)  # sent first, once (followup)
 
     @property
     def name(self) -> str:
@@ -63,6 +81,27 @@ class Case:
 def score(case: Case, reply: str) -> bool:
     """Exact match: every answer is a whole word of the reply and no distractor is."""
     return all(_has(reply, a) for a in case.answers) and not any(_has(reply, d) for d in case.distractors)
+
+
+def graded(case: Case, reply: str) -> float:
+    """A score in [0, 1]: the share of answer words (cwe), edit similarity (code), else 0/1."""
+    if case.task == "cwe":
+        return sum(_has(reply, a) for a in case.answers) / len(case.answers)
+    if case.task == "code":
+        return codeio.edit_similarity(codeio.first_code_line(reply), case.answers[0])
+    return float(score(case, reply))
+
+
+def agreement(reply_ids, reference_ids) -> tuple[float, int]:
+    """Share of positions where ``reply_ids`` equals ``reference_ids``, and the first position
+    where they differ (``len(reference_ids)`` when none does)."""
+    ref = list(reference_ids)
+    if not ref:
+        return 1.0, 0
+    got = list(reply_ids)[:len(ref)]
+    same = [i < len(got) and got[i] == t for i, t in enumerate(ref)]
+    first = same.index(False) if False in same else len(ref)
+    return sum(same) / len(ref), first
 
 
 def answer_first(case: Case, reply: str) -> bool:
@@ -125,15 +164,94 @@ def _prompt_ids(tokenizer, offset: int, context_tokens: int, sentences, question
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def followup(tokenizer, length: int, depth: float, seed: int = 0) -> Case:
+    """``niah``'s document and question, the question as a second user turn after the document."""
+    rng = random.Random(f"followup-{length}-{depth}-{seed}")
+    word = rng.choice(WORDS)
+    sentences = [(depth, f"The secret password for the vault is {word}.")]
+    offset = rng.randrange(0, 20_000)
+    question = "What is the secret password for the vault?"
+    context_tokens = length
+    for _ in range(3):
+        context = haystack.plant(haystack.filler(tokenizer, offset=offset, n_tokens=context_tokens), sentences)
+        turns = [{"role": "user", "content": context},
+                 {"role": "assistant", "content": "I have read the document. What is your question?"},
+                 {"role": "user", "content": question}]
+        ids = _chat_ids(tokenizer, turns)
+        context_tokens += length - len(ids)
+    warm = _chat_ids(tokenizer, turns[:1])
+    return Case("followup", length, depth, seed, tuple(ids), (word,), warm_ids=tuple(warm))
+
+
+def cwe(tokenizer, length: int, seed: int = 0, common: int = 3, freq_common: int = 20, freq_rare: int = 2) -> Case:
+    """A numbered word list: ``common`` words ``freq_common`` times each, the rest ``freq_rare``."""
+    rng = random.Random(f"cwe-{length}-{seed}")
+    vocab = haystack.vocabulary()
+    picked = rng.sample(vocab, len(vocab))
+    top, rare = picked[:common], iter(picked[common:])
+    question = (f"What are the {_COUNT[common]} most common words in the list above? "
+                "Answer with the words only.")
+    words = [w for w in top for _ in range(freq_common)]
+    best = _cwe_ids(tokenizer, words, common, question)
+    while True:  # add rare words while the prompt fits, a few at a time when far from full
+        step = max(1, (length - len(best)) // (8 * freq_rare))
+        candidate = words + [w for _ in range(step) for w in [next(rare)] * freq_rare]
+        rng.shuffle(candidate)
+        ids = _cwe_ids(tokenizer, candidate, common, question)
+        if len(ids) > length:
+            break
+        words, best = candidate, ids
+    return Case("cwe", length, None, seed, tuple(best), tuple(top))
+
+
+def _cwe_ids(tokenizer, words, common, question) -> list[int]:
+    listing = "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+    text = (f"Below is a numbered list of words. Some of them appear more often than the others: "
+            f"remember the {_COUNT[common]} that appear most often.\n{listing}\n\n{question}")
+    return _chat_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def code(tokenizer, length: int, seed: int = 0) -> Case:
+    """LCC: a real source file's prefix of about ``length`` tokens; the answer is the next line."""
+    rng = random.Random(f"code-{length}-{seed}")
+    prefix, line = codeio.sample_cut(tokenizer, length, rng)
+    text = f"Please complete the code given below. \n{prefix}"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return Case("code", length, None, seed, tuple(ids), (line,))
+
+
+def continuation(tokenizer, length: int, seed: int = 0) -> Case:
+    """Raw essay text (no chat turn) cut at ``length`` tokens, to be continued."""
+    rng = random.Random(f"continuation-{length}-{seed}")
+    offset = rng.randrange(0, 20_000)
+    ids = tokenizer(haystack.filler(tokenizer, length, offset), add_special_tokens=False)["input_ids"]
+    return Case("continuation", length, None, seed, tuple(ids[:length]), ())
+
+
+def _chat_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def build(tokenizer, tasks, lengths, depths, seeds) -> list[Case]:
-    """Every case of a sweep: niah over lengths x depths x seeds, the others over lengths x seeds."""
+    """Every case of a sweep: niah and followup over lengths x depths x seeds, the others over
+    lengths x seeds x depths too (one case per depth slot, so every task has as many cases)."""
     out = []
     for length in lengths:
         for seed in seeds:
             if "niah" in tasks:
                 out += [niah(tokenizer, length, d, seed) for d in depths]
+            if "followup" in tasks:
+                out += [followup(tokenizer, length, d, seed) for d in depths]
             if "multikey" in tasks:
                 out.append(multikey(tokenizer, length, seed))
             if "spread" in tasks:
                 out.append(spread(tokenizer, length, seed))
+            slots = [seed * len(depths) + i for i in range(len(depths))]
+            if "cwe" in tasks:
+                out += [cwe(tokenizer, length, s) for s in slots]
+            if "code" in tasks:
+                out += [code(tokenizer, length, s) for s in slots]
+            if "continuation" in tasks:
+                out += [continuation(tokenizer, length, s) for s in slots]
     return out
