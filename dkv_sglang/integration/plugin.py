@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from . import settings
+from . import routed_params, settings
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,7 @@ def register() -> None:
     HookRegistry.register(_REQUEST_LEVEL, _meta_keys_are_request_level, HookType.AROUND)
     HookRegistry.register(_META, _put_meta_keys, HookType.AROUND)
     HookRegistry.register(_STREAM_CHUNK, _meta_keys_at_stream_end, HookType.AROUND)
+    routed_params.register(HookRegistry, HookType)  # kv_* in the fields SGLang's router forwards
     if not config.compresses:
         return
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS

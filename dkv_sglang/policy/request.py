@@ -4,6 +4,10 @@ A request may carry ``sampling_params.custom_params = {"kv_policy": ..., "kv_bud
 (pure data, checked here without SGLang). Everything else (window, pooling, ...) stays the
 server's. A server started with ``--kv-policy full`` has no compressing pool, so its requests
 may only ask for ``full``.
+
+The same keys may come as strings in a string map (``custom_labels`` of ``/generate``,
+``metadata`` of the OpenAI routes: the fields SGLang's router forwards, where it drops
+``custom_params``): ``from_labels`` reads them, ``merged`` adds them to ``custom_params``.
 """
 
 from __future__ import annotations
@@ -15,33 +19,63 @@ from .config import POLICIES, PolicyConfig, PolicyConfigError
 KEYS = ("kv_policy", "kv_budget")
 
 
-def for_request(server: PolicyConfig, custom_params) -> PolicyConfig:
-    """The settings one request runs with; raises PolicyConfigError naming the bad key."""
+def for_request(server: PolicyConfig, custom_params, source: str = "custom_params") -> PolicyConfig:
+    """The settings one request runs with; raises PolicyConfigError naming the bad key
+    (``source.key``: where the request put it)."""
     if not custom_params:
         return server
     if not isinstance(custom_params, dict):
-        raise PolicyConfigError("custom_params", f"must be a JSON object, got {type(custom_params).__name__}")
+        raise PolicyConfigError(source, f"must be a JSON object, got {type(custom_params).__name__}")
     unknown = sorted(k for k in custom_params if isinstance(k, str) and k.startswith("kv_") and k not in KEYS)
     if unknown:
-        raise PolicyConfigError(f"custom_params.{unknown[0]}", f"unknown key; allowed: {', '.join(KEYS)}")
+        raise PolicyConfigError(f"{source}.{unknown[0]}", f"unknown key; allowed: {', '.join(KEYS)}")
     changes = {}
     if "kv_policy" in custom_params:
         policy = custom_params["kv_policy"]
         if policy not in POLICIES:
-            raise PolicyConfigError("custom_params.kv_policy", f"unknown policy {policy!r}; choose from {', '.join(POLICIES)}")
+            choices = ", ".join(POLICIES)
+            raise PolicyConfigError(f"{source}.kv_policy", f"unknown policy {policy!r}; choose from {choices}")
         if policy != "full" and not server.compresses:
             raise PolicyConfigError(
-                "custom_params.kv_policy",
+                f"{source}.kv_policy",
                 f"this server was started with --kv-policy full; start it with a compressing policy to use {policy!r}",
             )
         changes["policy"] = policy
     if "kv_budget" in custom_params:
         budget = custom_params["kv_budget"]
         if not isinstance(budget, int) or isinstance(budget, bool):
-            raise PolicyConfigError("custom_params.kv_budget", f"must be an integer, got {budget!r}")
+            raise PolicyConfigError(f"{source}.kv_budget", f"must be an integer, got {budget!r}")
         if budget < server.window + 1:
             raise PolicyConfigError(
-                "custom_params.kv_budget", f"must be at least the window + 1 = {server.window + 1}, got {budget}"
+                f"{source}.kv_budget", f"must be at least the window + 1 = {server.window + 1}, got {budget}"
             )
         changes["budget"] = budget
     return replace(server, **changes) if changes else server
+
+
+def from_labels(labels, source: str) -> dict:
+    """The ``kv_*`` entries of a string map, typed as ``custom_params`` values (``"64"`` -> 64).
+
+    Other entries are not ours and are left out; a budget that is not a decimal integer raises
+    PolicyConfigError naming ``source.kv_budget``.
+    """
+    if not isinstance(labels, dict):
+        return {}
+    ours = {k: v for k, v in labels.items() if isinstance(k, str) and k.startswith("kv_")}
+    budget = ours.get("kv_budget")
+    if isinstance(budget, str):
+        if not budget.strip().isdecimal():
+            raise PolicyConfigError(f"{source}.kv_budget", f"must be an integer, got {budget!r}")
+        ours["kv_budget"] = int(budget)
+    return ours
+
+
+def merged(custom_params, extra: dict, source: str) -> dict:
+    """``custom_params`` plus ``extra`` (read from ``source``); a key given both ways with two
+    different values raises PolicyConfigError."""
+    out = dict(custom_params) if isinstance(custom_params, dict) else {}
+    for key, value in extra.items():
+        if key in out and out[key] != value:
+            raise PolicyConfigError(f"{source}.{key}", f"{value!r} conflicts with custom_params.{key} = {out[key]!r}")
+        out[key] = value
+    return out
