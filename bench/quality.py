@@ -186,6 +186,8 @@ def markdown(args, results, wall_s: float) -> str:
     lines = [f"# {args.name}: {args.model}, tasks {', '.join(args.tasks)}, lengths {args.lengths}, bfloat16",
              "", summary.markdown(results, [summary.FULL, *args.policies], args.budgets), "## Checks", ""]
     lines += [f"- {c}" for c in summary.checks(results)]
+    lines += ["", "## DynamicKV's per-layer budgets by task (kept rows / budget)", ""]
+    lines += [f"- {line}" for line in summary.layer_shapes(results, args.budgets)]
     lines += ["", "## Targets", ""]
     lines += [f"- {t['target']}: {t['measured']} -> {'held' if t['held'] else 'FAILED'}"
               for t in summary.targets(results, args.budgets)]

@@ -1,6 +1,6 @@
 """RULER through lm-eval (the peer suite), against a running dkv server, every policy x budget.
 
-    python -m bench.ruler --quick          # SmolLM2, 4096 tokens, 5 tasks, 4 prompts per cell
+    python -m bench.ruler --quick          # SmolLM2, 4096 tokens, 5 tasks, 4 prompts per cell, replies <= 48 tokens
     python -m bench.ruler --limit 100      # the same with 100 prompts per (task, policy, budget)
     python -m bench.ruler --model qwen --lengths 4096 8192 --tasks niah_single_1 essay_niah_multikey_1
 
@@ -58,7 +58,7 @@ ESSAY_TASKS = {
 TASKS = (*NO_DOWNLOAD, *(f"essay_{t}" for t in ESSAY_TASKS))
 PRESETS = {
     "quick": {"tasks": ("niah_single_1", "essay_niah_single_2", "ruler_vt", "ruler_cwe", "ruler_fwe"),
-              "limit": 4, "lengths": (4096,)},
+              "limit": 4, "lengths": (4096,), "max_gen_toks": 48},
     "standard": {"tasks": ("niah_single_1", "essay_niah_single_2", "essay_niah_multikey_1", "ruler_vt",
                            "ruler_cwe", "ruler_fwe"), "limit": 100, "lengths": (4096,)},
     "full": {"tasks": TASKS, "limit": 200, "lengths": (4096, 8192)},
@@ -78,7 +78,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--max-gen-toks", type=int, help="cap RULER's reply lengths (default: each task's own)")
-    p.add_argument("--max-total-tokens", type=int, default=131072, help="KV pool size in tokens")
+    p.add_argument("--max-total-tokens", type=int, default=72000, help="KV pool size in tokens (~23 KB each "
+                   "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
     p.add_argument("--name", help="results file stem (default ruler-<preset>-<model>)")
     args = p.parse_args(argv)
     args.preset = "quick" if args.quick else "standard" if args.standard else "full"
@@ -180,22 +181,35 @@ def load_tasks(task_names, lengths, model_dir: Path, limit: int):
     return TaskManager(include_path=str(TASK_DIR), metadata=metadata).load(list(task_names))
 
 
+def chunks(limit: int, pool_tokens: int, max_length: int, most: int = IN_FLIGHT) -> list[list[int]]:
+    """Document ids 0..limit-1 in groups whose prompts the KV pool holds all at once (so every
+    pass after full KV's finds them in the prefix cache), at most ``most`` (one batch) each."""
+    size = max(1, min(most, pool_tokens // (max_length + 512)))
+    return [list(range(i, min(i + size, limit))) for i in range(0, limit, size)]
+
+
 def run(args, url: str, model_dir: Path) -> list[dict]:
+    """Per task, per group of prompts, every (policy, budget) pass: full KV's prefill is reused."""
     from lm_eval.evaluator import evaluate
     from tqdm import tqdm
 
     ensure_punkt()
-    t0 = time.time()
-    task_dict = load_tasks(args.tasks, args.lengths, model_dir, args.limit)
-    print(f"lm-eval built {len(args.tasks)} tasks in {time.time() - t0:.0f} s", file=sys.stderr)
     lm = make_lm(url, model_dir, max(args.lengths) + 512)
-    results = []
     passes = configs(args.policies, args.budgets)
-    for policy, budget in tqdm(passes, desc="policy x budget passes", unit="pass"):
-        for task in task_dict["tasks"].values():
-            task.set_config(key="generation_kwargs", value=gen_kwargs(policy, budget, args.max_gen_toks), update=True)
-        out = evaluate(lm, task_dict, limit=args.limit, log_samples=True, bootstrap_iters=0, verbosity="WARNING")
-        results += rows(out["samples"], policy, budget)
+    groups = chunks(args.limit, args.max_total_tokens, max(args.lengths))
+    results = []
+    with tqdm(total=len(args.tasks) * args.limit * len(passes), desc="prompts x passes", unit="req") as bar:
+        for name in args.tasks:
+            task_dict = load_tasks([name], args.lengths, model_dir, args.limit)
+            ((key, task),) = task_dict["tasks"].items()
+            for ids in groups:
+                for policy, budget in passes:
+                    task.set_config(key="generation_kwargs", value=gen_kwargs(policy, budget, args.max_gen_toks),
+                                    update=True)
+                    out = evaluate(lm, task_dict, samples={key: ids}, log_samples=True,
+                                   bootstrap_iters=0, verbosity="WARNING")
+                    results += rows(out["samples"], policy, budget)
+                    bar.update(len(ids))
     return results
 
 

@@ -178,6 +178,25 @@ def mean_layer_budget(results, policy: str, budget: int) -> dict[str, list[float
     return {task: [mean(col) / budget for col in zip(*kept)] for task, kept in sorted(rows.items())}
 
 
+def layer_shapes(results, budgets, policy: str = "dynamickv", top: int = 4) -> list[str]:
+    """Per budget: each task's most-funded layers, and how far apart the tasks' per-layer shapes
+    are (mean absolute difference of kept rows / budget, over layers, between task pairs)."""
+    out = []
+    for b in budgets:
+        shapes = mean_layer_budget(results, policy, b)
+        if not shapes:
+            continue
+        tops = "; ".join(f"{t}: " + ", ".join(f"L{i} {v:.1f}x" for i, v in
+                                             sorted(enumerate(s), key=lambda x: -x[1])[:top])
+                         for t, s in shapes.items())
+        names = list(shapes)
+        gaps = [mean(abs(x - y) for x, y in zip(shapes[a], shapes[c]))
+                for i, a in enumerate(names) for c in names[i + 1:]]
+        spread = f"; task-to-task mean |difference| {mean(gaps):.2f}x (max {max(gaps):.2f}x)" if gaps else ""
+        out.append(f"budget {b}: {tops}{spread}")
+    return out
+
+
 def targets(results, budgets, long_length: int = 4000) -> list[dict]:
     """The issue's targets, each with what was measured and whether it held."""
     out = []

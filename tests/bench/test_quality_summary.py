@@ -90,6 +90,12 @@ def test_niah_grid_and_layer_budget_shapes():
     assert shape == {"niah": [150 / 128, 106 / 128], "spread": [0.5, 1.5]}
 
 
+def test_layer_shapes_name_top_layers_and_task_gap():
+    (line,) = summary.layer_shapes(RESULTS, [128, 64])
+    assert line.startswith("budget 128: niah: L0 1.2x, L1 0.8x; spread: L1 1.5x, L0 0.5x")
+    assert "mean |difference| 0.67x" in line  # (|1.17-0.5| + |0.83-1.5|) / 2
+
+
 def test_checks_name_streamingllm_and_uninformative_tasks():
     text = "\n".join(summary.checks(RESULTS))
     assert "full KV on spread: 50%: UNINFORMATIVE" in text and "full KV on niah: 100%: usable" in text
