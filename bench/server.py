@@ -1,4 +1,5 @@
-"""Start ``python -m dkv_sglang.launch_server`` for a benchmark, wait for it, stop it cleanly."""
+"""Start ``python -m dkv_sglang.launch_server`` (or another server command) for a benchmark or a
+test, wait for it, stop it cleanly."""
 
 from __future__ import annotations
 
@@ -22,8 +23,15 @@ def free_port() -> int:
 class Server:
     """One server process; ``with Server(args, log) as url:`` serves at ``url`` inside."""
 
-    def __init__(self, args: list[str], log_path: Path, start_timeout: float = 600):
+    LAUNCHER = (sys.executable, "-m", "dkv_sglang.launch_server")
+
+    def __init__(self, args: list[str], log_path: Path, start_timeout: float = 600,
+                 launcher: tuple[str, ...] = LAUNCHER, env: dict[str, str] | None = None):
+        """``launcher``: the command before ``args`` (e.g. ``sglang serve``); ``env``: the
+        process environment (default: this one's)."""
         self.args = list(args)
+        self.launcher = list(launcher)
+        self.env = env
         self.log_path = Path(log_path)
         self.start_timeout = start_timeout
         self.port = free_port()
@@ -33,9 +41,9 @@ class Server:
     def __enter__(self) -> str:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")
-        cmd = [sys.executable, "-m", "dkv_sglang.launch_server", *self.args,
-               "--host", "127.0.0.1", "--port", str(self.port)]
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        cmd = [*self.launcher, *self.args, "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=self.env)
         deadline = time.time() + self.start_timeout
         while True:
             if self.proc.poll() is not None:

@@ -1,8 +1,10 @@
 """Our flags: taken out of argv, validated before any model loads; the rest goes to SGLang.
 
-One function, :func:`split_argv`, turns command-line words into a :class:`PolicyConfig`
-plus SGLang's own arguments; :func:`engine_defaults` is the one place that decides the
-SGLang settings a policy or this machine needs.
+:func:`add_flags` defines the flags once, for our launcher's parser and for the group the
+plugin adds to SGLang's own (``sglang serve``, ``python -m sglang.launch_server``).
+:func:`split_argv` turns command-line words into a :class:`PolicyConfig` plus SGLang's own
+arguments; :func:`engine_defaults` is the one place that decides the SGLang settings a policy
+or this machine needs. Nothing here imports SGLang.
 """
 
 from __future__ import annotations
@@ -28,6 +30,26 @@ FLAGS = {
 }
 
 
+GROUP_TITLE = "dkv-sglang KV-cache compression"
+GROUP_DESCRIPTION = (
+    "Flags of the dkv-sglang plugin. With a compressing policy --page-size N is the dkv pool's page "
+    "size (head-rows per physical page) and SGLang's own stays 1; with full it is SGLang's, untouched."
+)
+
+
+def add_flags(group) -> None:
+    """Add the --kv-* flags to ``group`` (an argparse parser or argument group): the one
+    definition behind our launcher's parser and the group the plugin adds to SGLang's."""
+    for flag, (field, _, text) in FLAGS.items():
+        # Values are parsed as strings and converted in one place, so errors name the flag.
+        group.add_argument(flag, dest=_dest(flag), default=None, metavar=field.upper(),
+                           help=f"{text} (default: {getattr(_DEFAULTS, field)})")
+
+
+def _dest(flag: str) -> str:
+    return flag[2:].replace("-", "_")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m dkv_sglang.launch_server",
@@ -36,10 +58,7 @@ def parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     p.add_argument("-h", "--help", action="store_true", help="show this help (and SGLang's) and exit")
-    for flag, (field, _, text) in FLAGS.items():
-        # Values are parsed as strings and converted in one place, so errors name the flag.
-        p.add_argument(flag, dest=field, default=None, metavar=field.upper(),
-                       help=f"{text} (default: {getattr(_DEFAULTS, field)})")
+    add_flags(p.add_argument_group(GROUP_TITLE, GROUP_DESCRIPTION))
     return p
 
 
@@ -67,12 +86,23 @@ def config_from_options(**options) -> PolicyConfig:
 def split_argv(argv: list[str]) -> tuple[PolicyConfig, list[str], bool]:
     """(config, SGLang's argv, help asked). Raises PolicyConfigError naming the bad flag."""
     ns, rest = parser().parse_known_args(argv)
-    raw = {field: getattr(ns, field) for _, (field, _, _) in FLAGS.items()}
     converted = {}
     for flag, (field, _, _) in FLAGS.items():
-        if raw[field] is not None:
-            converted[field] = _convert(flag, raw[field])
+        raw = getattr(ns, _dest(flag))
+        if raw is not None:
+            converted[field] = _convert(flag, raw)
     return PolicyConfig(**converted), rest, ns.help
+
+
+def kv_flags_given(argv: list[str]) -> bool:
+    """Whether ``argv`` names any of our flags (without them SGLang's commands stay vanilla)."""
+    ns, _ = parser().parse_known_args(argv)
+    return any(getattr(ns, _dest(flag)) is not None for flag in FLAGS)
+
+
+def given_fields(argv: list[str]) -> set[str]:
+    """The ServerArgs fields ``argv`` sets (``--max-total-tokens 9`` -> ``max_total_tokens``)."""
+    return {w[2:].split("=")[0].replace("-", "_") for w in argv if w.startswith("--")}
 
 
 def check_page_size(raw) -> int:
@@ -136,4 +166,13 @@ def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool, page_si
             "dkv-sglang: --kv-policy %s turns off overlap scheduling (compression runs between forward passes)",
             config.policy,
         )
+    return out
+
+
+def sglang_argv(config: PolicyConfig, argv: list[str], on_cpu: bool, page_size: int = 1) -> list[str]:
+    """SGLang's argv (our flags already taken out) plus the :func:`engine_defaults` it lacks."""
+    out = list(argv)
+    for field, value in engine_defaults(config, given_fields(argv), on_cpu, page_size).items():
+        flag = "--" + field.replace("_", "-")
+        out += [flag] if value is True else [flag, str(value)]
     return out

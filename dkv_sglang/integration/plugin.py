@@ -43,6 +43,9 @@ _INTERNAL_STATE = (
 def register() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from . import sglang_cli
+
+    sglang_cli.register()  # --kv-* flags on SGLang's own commands
     config = settings.current()
     HookRegistry.register(_INTERNAL_STATE, _with_dkv_stats, HookType.AROUND)
     HookRegistry.register(_VERIFY, _verify_kv_params, HookType.AFTER)
