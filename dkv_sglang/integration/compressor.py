@@ -81,8 +81,9 @@ def _take_from_prefix_cache(req, allocator: DkvAllocator, tree_cache, req_to_tok
     keep = keep[:, :, :shared]
     new_vids = allocator.fork(vids[:shared], keep)
     if new_vids is None:
-        table = allocator.table
-        allocator.evict_to_free_tokens(tree_cache, -(-int(keep.sum()) // table.head_rows_per_token))
+        # Evict unlocked cached prefixes until the copies' rows and ids fit.
+        rows, ids = allocator.table.fork_need(vids[:shared], keep)
+        allocator.evict_to_free_tokens(tree_cache, max(-(-rows // allocator.table.head_rows_per_token), ids))
         new_vids = allocator.fork(vids[:shared], keep)
     if new_vids is None:
         return None
@@ -136,6 +137,8 @@ def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
         freed = allocator.compress(
             req.rid, vids[shared:], keep[:, :, shared:], selection, replayed=plan.replay is not None, released=released
         )
+        # Tokens no layer keeps give their ids back (they read as the hole from now on).
+        req_to_token[rpi, shared:seq_len] = allocator.table.release_unheld(vids[shared:]).to(req_to_token.dtype)
         setattr(req, REPLAY_ATTR, selection)
         record_compression(allocator, selection.prompt_len, selection.kept_per_layer)
         req.customized_info = {

@@ -51,9 +51,7 @@ class PagedRowTable(RowTable):
         self.num_pages = -(-num_tokens * num_layers * num_heads // page_size)
         self.num_rows = (self.num_pages + 1) * page_size - 1  # rows 1..num_rows; page 0 reserved
         self.pages = _Stack(self.num_pages, device)
-        self.ids = _Stack(num_ids, device)
-        self.row_of = torch.full((num_layers, num_heads, num_ids + 1), -1, dtype=torch.int32, device=device)
-        self.row_of[:, :, 0] = 0
+        self._init_ids(num_ids, device)
         # slots handed out in each page (its entry's next row is page * P + used), and still held
         self.used = torch.zeros(self.num_pages + 1, dtype=torch.int64, device=device)
         self.live = torch.zeros(self.num_pages + 1, dtype=torch.int64, device=device)
@@ -153,8 +151,8 @@ class PagedRowTable(RowTable):
         self.pages.give(empty)
 
     def free(self, vids: torch.Tensor) -> None:
-        """Release token ids and every head-row they still hold."""
-        vids = vids.reshape(-1).to(torch.int64)
+        """Release token ids and every head-row they still hold (the hole id is skipped)."""
+        vids = self._real(vids)
         if vids.numel() == 0:
             return
         held = self.row_of[:, :, vids]

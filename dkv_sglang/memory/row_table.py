@@ -8,6 +8,10 @@ Pure torch, no SGLang import. Vocabulary:
 - a *token id* (``vid``) is what SGLang's ``req_to_token`` holds and its allocator hands out.
   It names a token of a request, not a place in memory: ``row_of[layer, head, vid]`` is the
   head-row holding it, or -1 once the policy dropped it there.
+- the *hole* id (``num_ids + 1``) stands in ``req_to_token`` for a compressed request's tokens
+  that no (layer, head) keeps: it holds no row anywhere, is shared by every request, and
+  freeing it is a no-op. A compressed request therefore holds ids only for the tokens it
+  keeps somewhere (at most ``budget x L x H`` of its prompt), not for its whole prompt.
 
 All layers draw head-rows from one free list, so the memory one request drops in one layer is
 available to any layer of any request. A new token takes ``L * H`` head-rows; freeing a token
@@ -65,9 +69,19 @@ class RowTable:
         self.num_tokens = num_tokens
         self.num_rows = num_tokens * num_layers * num_heads
         self.rows = _Stack(self.num_rows, device)
+        self._init_ids(num_ids, device)
+
+    def _init_ids(self, num_ids: int, device) -> None:
+        """Ids 1..num_ids, the padding id 0 (row 0) and the hole id num_ids + 1 (no row)."""
         self.ids = _Stack(num_ids, device)
-        self.row_of = torch.full((num_layers, num_heads, num_ids + 1), -1, dtype=torch.int32, device=device)
+        self.hole = num_ids + 1
+        self.row_of = torch.full((self.num_layers, self.num_heads, num_ids + 2), -1, dtype=torch.int32, device=device)
         self.row_of[:, :, 0] = 0
+
+    def _real(self, vids: torch.Tensor) -> torch.Tensor:
+        """``vids`` flattened to int64, without the hole id (shared, never freed)."""
+        vids = vids.reshape(-1).to(torch.int64)
+        return vids[vids != self.hole]
 
     # -- capacity ---------------------------------------------------------------------------
     @property
@@ -95,8 +109,8 @@ class RowTable:
         return vids
 
     def free(self, vids: torch.Tensor) -> None:
-        """Release token ids and every head-row they still hold."""
-        vids = vids.reshape(-1).to(torch.int64)
+        """Release token ids and every head-row they still hold (the hole id is skipped)."""
+        vids = self._real(vids)
         if vids.numel() == 0:
             return
         held = self.row_of[:, :, vids]
@@ -118,23 +132,41 @@ class RowTable:
         self.row_of[:, :, vids] = held
         return int(freed.numel())
 
+    def release_unheld(self, vids: torch.Tensor) -> torch.Tensor:
+        """Give back the ids of ``vids`` that no (layer, head) holds a row for any more (a
+        compressed request's dropped tokens); returns ``vids`` with those replaced by the hole."""
+        vids = vids.reshape(-1).to(torch.int64)
+        unheld = (self.row_of[:, :, vids] < 0).flatten(0, 1).all(dim=0) & (vids != self.hole) & (vids != 0)
+        if bool(unheld.any()):
+            self.ids.give(vids[unheld])
+            vids = torch.where(unheld, torch.full_like(vids, self.hole), vids)
+        return vids
+
+    def fork_need(self, vids: torch.Tensor, keep: torch.Tensor) -> tuple[int, int]:
+        """(head-rows, token ids) that :meth:`fork` of ``vids`` under ``keep`` takes."""
+        kept = keep.to(self.row_of.device) & (self.row_of[:, :, vids.reshape(-1).to(torch.int64)] >= 0)
+        return int(kept.sum()), int(kept.flatten(0, 1).any(dim=0).sum())
+
     def fork(self, vids: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """New token ids holding fresh copies of the head-rows of ``vids`` that ``keep``
         [L, H, len(vids)] keeps; ``vids`` themselves are untouched (someone else owns them:
-        SGLang's prefix cache). Returns (new ids, source rows, destination rows) for the
-        caller to copy the K/V bytes, or None when the rows or ids are not free.
+        SGLang's prefix cache). A token kept nowhere gets the hole id. Returns (new ids,
+        source rows, destination rows) for the caller to copy the K/V bytes, or None when
+        the rows or ids are not free.
         """
         vids = vids.reshape(-1).to(torch.int64)
         held = self.row_of[:, :, vids]
         kept = keep.to(held.device) & (held >= 0)
-        k = int(kept.sum())
-        if k > len(self.rows) or vids.numel() > len(self.ids):
+        somewhere = kept.flatten(0, 1).any(dim=0)
+        k, n = int(kept.sum()), int(somewhere.sum())
+        if k > len(self.rows) or n > len(self.ids):
             return None
-        new_vids = self.ids.take(vids.numel())
+        new_vids = torch.full_like(vids, self.hole)
+        new_vids[somewhere] = self.ids.take(n)
         dst = self.rows.take(k)
         rows = torch.full_like(held, -1)
         rows[kept] = dst.to(torch.int32)
-        self.row_of[:, :, new_vids] = rows
+        self.row_of[:, :, new_vids[somewhere]] = rows[:, :, somewhere]
         return new_vids, held[kept].to(torch.int64), dst
 
     def reset(self) -> None:

@@ -132,3 +132,37 @@ def test_the_cache_evicts_under_pressure_and_outputs_stay_the_same(evicting):
     assert stats["pool_rows_cached"] < 10 * 330 * TINY_LAYERS, "not every prompt fits: some were evicted"
     assert any(o["meta_info"]["cached_tokens"] > 0 for o in again), "the most recent prompts were still cached"
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
+
+
+POOL, PROMPT = 4000, 1000
+
+
+@pytest.fixture(scope="module")
+def crowded(tiny_model):
+    """36 distinct 1,000-token prompts at once into a 4,000-token pool with the cache on: every
+    prompt passes through the cache whole, then its request keeps only its rows, so all 36 can
+    run at once (rows: (4,000 - 1,000) / (32 + 24) = 53 requests)."""
+    import dkv_sglang
+
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT)] for _ in range(36)]
+    engine = dkv_sglang.Engine(model_path=tiny_model, kv_policy="dynamickv", kv_budget=BUDGET,
+                               **{**ENGINE_ARGS, "max_total_tokens": POOL})
+    try:
+        outs = engine.generate(input_ids=prompts, sampling_params=SAMPLING)
+        return prompts, outs, engine.dkv_stats()
+    finally:
+        engine.shutdown()
+
+
+def test_every_long_prompt_is_compressed_when_many_run_in_a_small_pool(crowded):
+    """A compressed request holds token ids only for the tokens it keeps somewhere (the rest
+    read as the shared hole id): with ids for whole prompts, the running requests and the cache
+    ran out of ids (8 per token of the pool) long before rows, and requests stayed uncompressed."""
+    prompts, outs, stats = crowded
+    assert all(len(o["output_ids"]) == SAMPLING["max_new_tokens"] for o in outs)
+    assert all(o["meta_info"].get("kv_kept_per_layer") for o in outs), "a request stayed uncompressed"
+    assert stats["requests_compressed"] == len(prompts)
+    assert [sum(r["kept_per_layer"]) for r in stats["recent"]] == [BUDGET * TINY_LAYERS] * len(prompts)
+    assert stats["peak_running_requests"] > 8 * POOL // PROMPT, "more ran at once than ids for whole prompts allow"
+    assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]

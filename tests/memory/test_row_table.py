@@ -104,3 +104,36 @@ def test_fork_refuses_when_the_rows_are_not_free():
     vids = t.alloc(4)
     assert t.fork(vids, torch.ones(3, 2, 4, dtype=torch.bool)) is None
     assert t.free_head_rows() == 0 and len(t.ids) == 36, "a refused fork takes nothing"
+
+
+def test_tokens_kept_nowhere_give_their_ids_back_and_read_as_the_hole():
+    t = make(tokens=10, layers=3, heads=2, ids=12)
+    vids = t.alloc(8)
+    keep = torch.zeros(3, 2, 8, dtype=torch.bool)
+    keep[0, :, 1] = keep[2, :, 5] = True  # tokens 1 and 5 stay somewhere; 5 others nowhere
+    keep[:, :, 7] = True
+    t.drop(vids, keep)
+    assert len(t.ids) == 4
+    left = t.release_unheld(vids)
+    assert len(t.ids) == 4 + 5, "ids of the tokens no (layer, head) keeps are free again"
+    assert left.tolist() == [t.hole, vids[1], t.hole, t.hole, t.hole, vids[5], t.hole, vids[7]]
+    assert (t.row_of[:, :, t.hole] == -1).all() and t.kept_rows(0, left).shape == (2, 2)
+    again = t.alloc(9 - 8 + 4)  # the freed ids serve new tokens (rows permitting)
+    assert again is not None and t.hole not in again.tolist()
+    t.free(left)  # the hole, listed five times, is skipped
+    t.free(again)
+    assert len(t.ids) == 12 and t.free_head_rows() == 60
+
+
+def test_fork_takes_ids_only_for_tokens_kept_somewhere():
+    t = make(tokens=10, layers=3, heads=2, ids=12)
+    shared = t.alloc(8)
+    keep = torch.zeros(3, 2, 8, dtype=torch.bool)
+    keep[1, 1, 2] = keep[:, :, 7].fill_(True)[0, 0]
+    assert t.fork_need(shared, keep) == (1 + 6, 2)
+    new, src, dst = t.fork(shared, keep)
+    assert len(t.ids) == 12 - 8 - 2 and src.numel() == dst.numel() == 7
+    assert [v == t.hole for v in new.tolist()] == [True, True, False, True, True, True, True, False]
+    t.free(shared)
+    t.free(new)
+    assert len(t.ids) == 12 and t.free_head_rows() == 60
