@@ -84,7 +84,8 @@ class Router(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         super().__init__([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",
-                          "--port", str(self.port), "--worker-urls", *workers, *extra], log)
+                          "--port", str(self.port), "--prometheus-port", str(free_port()),
+                          "--worker-urls", *workers, *extra], log)
         self.workers = workers
 
     def wait_ready(self, timeout: float = 120) -> None:
