@@ -32,5 +32,8 @@ class Engine(_SGLangEngine):
         super().__init__(**kwargs)
 
     def dkv_stats(self) -> dict:
-        """The scheduler's dkv stats: policy, budget, pool rows, recent compressed requests."""
-        return self.get_server_info()["internal_states"][0]["dkv"]
+        """The scheduler's dkv stats: policy, budget, pool rows, recent compressed requests
+        (with ``dp_size`` > 1 the ranks summed, as ``GET /dkv/stats`` does)."""
+        from .stats import combine
+
+        return combine([state["dkv"] for state in self.get_server_info()["internal_states"]])
