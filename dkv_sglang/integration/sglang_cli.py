@@ -8,7 +8,8 @@ process, acting only where a command line is parsed):
 - ``prepare_server_args``: when ``argv`` names any of our flags, validates them (exit 2 naming the
   flag, before any model loads), publishes the config to the processes SGLang will spawn, adds
   the SGLang settings the policy and this machine need (:func:`dkv_sglang.cli.engine_defaults`)
-  and hands SGLang the rest. Without our flags ``argv`` goes to SGLang untouched.
+  and hands SGLang the rest (our flags may also sit in SGLang's ``--config`` YAML file).
+  Without our flags ``argv`` goes to SGLang untouched.
 
 ``python -m dkv_sglang.launch_server`` goes through the same hook.
 """
@@ -41,14 +42,15 @@ def _add_kv_group(result, parser):
 
 
 def _prepare_with_kv_flags(original, argv):
-    argv = list(argv)
+    asked = list(argv)
+    argv = _merge_config_file(asked)
     try:
         config, rest, want_help = cli.split_argv(argv)
         page_size, rest = cli.take_page_size(config, rest)
     except PolicyConfigError as e:
         _usage_error(str(e))
     if want_help or not cli.kv_flags_given(argv):
-        return original(argv)  # SGLang's own parser prints help with our group; or vanilla
+        return original(asked)  # SGLang's own parser prints help with our group; or vanilla
     on_cpu = _cpu_path()
     from . import settings
 
@@ -62,8 +64,23 @@ def _prepare_with_kv_flags(original, argv):
     from sglang.srt.sampling.watermarking.core import redact_watermark_command_line
 
     # What was asked for, our flags included (SGLang records the argv it parsed).
-    server_args._launch_command = redact_watermark_command_line(argv, server_args.watermark_config)
+    server_args._launch_command = redact_watermark_command_line(asked, server_args.watermark_config)
     return server_args
+
+
+def _merge_config_file(argv: list[str]) -> list[str]:
+    """``--config FILE.yaml`` merged into ``argv`` as SGLang merges it, so our flags may be
+    given there too (SGLang's parser, holding our group, would otherwise drop them silently)."""
+    if "--config" not in argv:
+        return argv
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.utils.server_args_config_parser import ConfigArgumentMerger
+
+    parser = argparse.ArgumentParser(prog=PROG)
+    ServerArgs.add_cli_args(parser)
+    return ConfigArgumentMerger(parser).merge_config_with_args(argv)
 
 
 def _cpu_path() -> bool:

@@ -3,13 +3,28 @@ import sys
 
 import pytest
 
-from dkv_sglang.cli import config_from_options, engine_defaults, split_argv
+from dkv_sglang.cli import config_from_options, engine_defaults, kv_flags_given, sglang_argv, split_argv
 
 
 def test_split_takes_our_flags_and_leaves_sglang_s():
     cfg, rest, want_help = split_argv(["--model-path", "m", "--kv-policy", "dynamickv", "--kv-budget=64", "--port", "1"])
     assert cfg.policy == "dynamickv" and cfg.budget == 64 and not want_help
     assert rest == ["--model-path", "m", "--port", "1"]
+
+
+def test_only_our_flags_make_sglang_s_commands_leave_vanilla():
+    assert kv_flags_given(["--model-path", "m", "--kv-policy=full"])
+    assert kv_flags_given(["--kv-budget", "64"])
+    # SGLang's own --kv-* flags are not ours.
+    assert not kv_flags_given(["--model-path", "m", "--kv-cache-dtype", "fp8_e5m2", "--kv-canary", "--help"])
+
+
+def test_sglang_argv_adds_what_the_user_did_not_give():
+    cfg = config_from_options(kv_policy="dynamickv")
+    out = sglang_argv(cfg, ["--model-path", "m", "--device=cpu"], on_cpu=True)
+    assert out[:3] == ["--model-path", "m", "--device=cpu"] and out.count("--device") == 0
+    assert "--attention-backend" in out and "--disable-overlap-schedule" in out
+    assert sglang_argv(config_from_options(), ["--model-path", "m"], on_cpu=False) == ["--model-path", "m"]
 
 
 def test_engine_options_and_defaults():

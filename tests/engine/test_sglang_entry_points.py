@@ -101,13 +101,16 @@ def _run(cmd, env=CPU_ENV):
 
 
 @pytest.mark.parametrize(
-    "launcher, args, flag",
+    "launcher, args, config_file, flag",
     [
-        (SGLANG_SERVE, ["--kv-policy", "dynamickv", "--kv-budget", "8"], "--kv-budget"),
-        (SGLANG_LAUNCH, ["--kv-policy", "h2o"], "--kv-policy"),
+        (SGLANG_LAUNCH, ["--kv-policy", "dynamickv", "--kv-budget", "8"], None, "--kv-budget"),
+        (SGLANG_SERVE, [], "kv-policy: h2o\n", "--kv-policy"),  # given in SGLang's --config file
     ],
 )
-def test_bad_flag_exits_2_naming_it_before_loading(launcher, args, flag):
+def test_bad_flag_exits_2_naming_it_before_loading(launcher, args, config_file, flag, tmp_path):
+    if config_file:
+        (tmp_path / "config.yaml").write_text(config_file)
+        args = [*args, "--config", str(tmp_path / "config.yaml")]
     out = _run([*launcher, "--model-path", "/nonexistent", *args])
     assert out.returncode == 2, out.stderr[-2000:]
     assert f"error: {flag}:" in out.stderr
