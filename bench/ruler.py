@@ -188,8 +188,9 @@ def chunks(limit: int, pool_tokens: int, max_length: int, most: int = IN_FLIGHT)
     return [list(range(i, min(i + size, limit))) for i in range(0, limit, size)]
 
 
-def run(args, url: str, model_dir: Path) -> list[dict]:
-    """Per task, per group of prompts, every (policy, budget) pass: full KV's prefill is reused."""
+def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict]:
+    """Per task, per group of prompts, every (policy, budget) pass: full KV's prefill is reused.
+    ``save(results)`` runs after each task, so a run stopped early keeps the tasks it finished."""
     from lm_eval.evaluator import evaluate
     from tqdm import tqdm
 
@@ -210,6 +211,7 @@ def run(args, url: str, model_dir: Path) -> list[dict]:
                                    bootstrap_iters=0, verbosity="WARNING")
                     results += rows(out["samples"], policy, budget)
                     bar.update(len(ids))
+            save(results)
     return results
 
 
@@ -239,15 +241,17 @@ def main(argv=None) -> int:
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with Server(serve_args(model_dir, args.max_total_tokens), RESULTS / f"{args.name}-server.log") as url:
-        results = run(args, url, model_dir)
-    wall = time.time() - t0
-    stem = RESULTS / args.name
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"args": vars(args), "wall_s": round(wall, 1), "targets": summary.targets(results, args.budgets, 4096),
-         "results": results}, indent=1, default=str))
-    stem.with_suffix(".md").write_text(markdown(args, results, wall))
-    print(stem.with_suffix(".md").read_text())
+        run(args, url, model_dir, save=lambda results: write(args, results, time.time() - t0))
+    print((RESULTS / f"{args.name}.md").read_text())
     return 0
+
+
+def write(args, results, wall_s: float) -> None:
+    stem = RESULTS / args.name
+    report = {"args": vars(args), "wall_s": round(wall_s, 1), "tasks_done": sorted({r["task"] for r in results}),
+              "targets": summary.targets(results, args.budgets, 4096), "results": results}
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(args, results, wall_s))
 
 
 if __name__ == "__main__":
