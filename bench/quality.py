@@ -43,7 +43,7 @@ PRESETS = {
     "standard": {"lengths": (1000,), "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "seeds": 20},
     "full": {"lengths": (1000, 2000, 4000, 8000), "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "seeds": 40},
 }
-CHUNK = 256  # requests per round: /dkv/stats keeps the last 256 compressed requests
+CHUNK = 64  # requests per round (and per save); /dkv/stats keeps the last 256 compressed requests
 IN_FLIGHT = 16  # SGLang batches these; more only delays every reply (CPU prefill is compute-bound)
 
 
@@ -81,9 +81,10 @@ def custom_params(policy: str, budget: int | None) -> dict:
     return {"kv_policy": policy} if budget is None else {"kv_policy": policy, "kv_budget": budget}
 
 
-def run(engine, requests) -> list[dict]:
+def run(engine, requests, save=lambda results: None) -> list[dict]:
     """Send the requests ``CHUNK`` at a time, ``IN_FLIGHT`` of them at once; one result per request.
-    Documents of follow-up cases go first, alone, so the prefix cache holds them."""
+    Documents of follow-up cases go first, alone, so the prefix cache holds them. ``save(results)``
+    runs after each chunk, so a run stopped early keeps what it finished."""
     from tqdm import tqdm
 
     warm = list({c.name: c for c, _, _ in requests if c.warm_ids}.values())
@@ -96,6 +97,7 @@ def run(engine, requests) -> list[dict]:
             replies = engine.loop.run_until_complete(_send(engine, chunk, bar))
             recent = {r["rid"]: r["kept_per_layer"] for r in engine.dkv_stats()["recent"]}
             out += [_result(req, reply, recent) for req, reply in zip(chunk, replies)]
+            save(score_continuations(out))
     return score_continuations(out)
 
 
@@ -166,15 +168,22 @@ def start_engine(model: str, max_total_tokens: int):
                              random_seed=0)
 
 
-def write(args, results, wall_s: float) -> list[Path]:
+def write_tables(args, results, wall_s: float) -> list[Path]:
+    """The JSON report and the markdown tables (no figures)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / args.name
-    budgets = [None, *args.budgets]
     report = {"args": {k: v for k, v in vars(args).items()}, "wall_s": round(wall_s, 1),
               "targets": summary.targets(results, args.budgets), "results": results}
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(report, indent=1))
     paths[1].write_text(markdown(args, results, wall_s))
+    return paths
+
+
+def write(args, results, wall_s: float) -> list[Path]:
+    stem = RESULTS / args.name
+    budgets = [None, *args.budgets]
+    paths = write_tables(args, results, wall_s)
     for policy in [summary.FULL, *args.policies]:
         paths.append(plots.niah_heatmap(results, policy, [None] if policy == summary.FULL else budgets[1:],
                                         Path(f"{stem}-niah-{policy}.png")))
@@ -210,7 +219,7 @@ def main(argv=None) -> int:
     t0 = time.time()
     engine = start_engine(args.model, args.max_total_tokens)
     try:
-        results = run(engine, requests)
+        results = run(engine, requests, save=lambda res: write_tables(args, res, time.time() - t0))
     finally:
         engine.shutdown()
     wall = time.time() - t0

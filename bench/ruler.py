@@ -190,7 +190,7 @@ def chunks(limit: int, pool_tokens: int, max_length: int, most: int = IN_FLIGHT)
 
 def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict]:
     """Per task, per group of prompts, every (policy, budget) pass: full KV's prefill is reused.
-    ``save(results)`` runs after each task, so a run stopped early keeps the tasks it finished."""
+    ``save(results)`` runs after each pass, so a run stopped early keeps what it finished."""
     from lm_eval.evaluator import evaluate
     from tqdm import tqdm
 
@@ -211,7 +211,7 @@ def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict
                                    bootstrap_iters=0, verbosity="WARNING")
                     results += rows(out["samples"], policy, budget)
                     bar.update(len(ids))
-            save(results)
+                    save(results)
     return results
 
 
