@@ -57,9 +57,12 @@ def interval(values: list[float]) -> tuple[float, float]:
 
 
 def average_interval(per_task: dict[str, list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Stratified bootstrap of the mean over tasks: prompts resampled within each task."""
-    rng = random.Random(seed)
+    """Stratified bootstrap of the mean over tasks: prompts resampled within each task (one task:
+    that task's own interval)."""
     groups = [v for v in per_task.values() if v]
+    if len(groups) == 1:  # one task: its own interval (Wilson when 0/1)
+        return interval(groups[0])
+    rng = random.Random(seed)
     draws = sorted(mean(mean(rng.choices(g, k=len(g))) for g in groups) for _ in range(reps))
     return draws[int(0.025 * (reps - 1))], draws[int(round(0.975 * (reps - 1)))]
 

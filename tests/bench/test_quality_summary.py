@@ -82,6 +82,7 @@ def test_average_interval_brackets_the_average():
     per_task = {"a": [1.0] * 8 + [0.0] * 2, "b": [0.0] * 5 + [1.0] * 5}
     lo, hi = summary.average_interval(per_task)
     assert lo < 0.65 < hi and 0.4 < lo and hi < 0.9
+    assert summary.average_interval({"a": [0.0] * 3}) == summary.interval([0.0] * 3)  # Wilson, not [0, 0]
 
 
 def test_niah_grid_and_layer_budget_shapes():
