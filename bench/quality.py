@@ -165,7 +165,7 @@ def start_engine(model: str, max_total_tokens: int):
 
     return dkv_sglang.Engine(model_path=str(prepare(model)), kv_policy="dynamickv", kv_budget=128,
                              dtype="bfloat16", max_total_tokens=max_total_tokens, log_level="error",
-                             random_seed=0)
+                             random_seed=0, watchdog_timeout=3600)  # a busy shared CPU can stall a batch
 
 
 def write_tables(args, results, wall_s: float) -> list[Path]:
