@@ -217,7 +217,8 @@ def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict
 
 def serve_args(model_dir: Path, max_total_tokens: int) -> list[str]:
     return ["--model-path", str(model_dir), "--kv-policy", "dynamickv", "--kv-budget", "128", "--dtype", "bfloat16",
-            "--max-total-tokens", str(max_total_tokens), "--random-seed", "0", "--log-level", "warning"]
+            "--max-total-tokens", str(max_total_tokens), "--random-seed", "0", "--log-level", "warning",
+            "--watchdog-timeout", "3600"]  # a busy shared CPU can stall one batch past the 300 s default
 
 
 def markdown(args, results, wall_s: float) -> str:
