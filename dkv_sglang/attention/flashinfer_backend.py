@@ -85,8 +85,11 @@ class DkvFlashInferAttnBackend(AttentionBackend):
 
     def _plan_decode(self, forward_batch, bs: int) -> None:
         seq_lens = _as_list(_host_seq_lens(forward_batch))[:bs]
-        vids = pt.batch_vids(self.req_to_token, forward_batch.req_pool_indices[:bs], seq_lens)
-        tables = pt.build_tables(self.pool.table.row_of, vids, seq_lens, self.pool.row_page_size)
+        slots = _as_list(forward_batch.req_pool_indices[:bs])
+        vids = [self.req_to_token[s, :n] for s, n in zip(slots, seq_lens)]
+        pool = self.pool
+        rows = [pool.decode_rows(pool.start_layer + layer, slots, vids) for layer in range(pool.table.num_layers)]
+        tables = pt.tables_from_rows(rows, pool.row_page_size)
         self.kernels.plan_decode(tables, self.group, self.pool.head_dim, self.pool.dtype)
 
     def _plan_extend(self, fb) -> None:

@@ -107,6 +107,15 @@ def build_tables(row_of: torch.Tensor, vids: torch.Tensor, lens: list[int], page
     return _paginate(per_layer, kv_lens, page_size, device)
 
 
+def tables_from_rows(rows: list[list[torch.Tensor]], page_size: int = 1) -> PageTables:
+    """Page tables of every layer from each request's [H, k] head-rows per layer (what
+    ``DkvKVPool.decode_rows`` gives, the torch backend's decode reads the same)."""
+    device = rows[0][0].device
+    per_layer = [torch.cat([r.reshape(-1) for r in layer]) for layer in rows]
+    kv_lens = torch.tensor([[r.shape[1] for r in layer for _ in range(r.shape[0])] for layer in rows], dtype=torch.int64)
+    return _paginate(per_layer, kv_lens, page_size, device)
+
+
 def _paginate(per_layer: list[torch.Tensor], kv_lens: torch.Tensor, page_size: int, device) -> PageTables:
     """CSR tables from each layer's rows in entry order and the rows per entry."""
     pages_per_entry = (kv_lens + page_size - 1) // page_size  # [L, E]

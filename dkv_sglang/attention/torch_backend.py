@@ -110,12 +110,41 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             start = end
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
+    def _decode_batch(self, forward_batch) -> tuple[list[int], list[torch.Tensor]]:
+        """Each decoding request's slot and sequence (read only for uncompressed ones), once per step."""
+        if getattr(self, "_decode", (None,))[0] is not forward_batch:
+            slots = forward_batch.req_pool_indices.tolist()
+            req_to_token = self.req_to_token_pool.req_to_token
+            vids = [req_to_token[s, :n] for s, n in zip(slots, forward_batch.seq_lens.tolist())]
+            self._decode = (forward_batch, slots, vids)
+        return self._decode[1], self._decode[2]
+
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
-        req_to_token = self.req_to_token_pool.req_to_token
-        for i, (rpi, seq_len) in enumerate(
-            zip(forward_batch.req_pool_indices.tolist(), forward_batch.seq_lens.tolist())
-        ):
-            keys, values = self.pool.gather(layer.layer_id, req_to_token[rpi, :seq_len])
-            o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), keys, values, layer, causal=False)
+        slots, vids = self._decode_batch(forward_batch)
+        rows = self.pool.decode_rows(layer.layer_id, slots, vids)
+        lens = [r.shape[1] for r in rows]
+        if len(rows) > 1 and 2 * sum(lens) >= len(rows) * max(lens):
+            o[:] = self._attend_padded(q_, rows, lens, layer)
+        else:  # one request, or lengths too unequal for padding to pay: one call per request
+            for i, r in enumerate(rows):
+                o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), self.pool.k_rows[r], self.pool.v_rows[r],
+                                            layer, causal=False)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _attend_padded(self, q, rows: list[torch.Tensor], lens: list[int], layer) -> torch.Tensor:
+        """A layer's decode in one SDPA call: q [B, Hq, D] against each request's rows, padded
+        to the longest (row 0, masked out). Returns [B, Hq, Dv]."""
+        b, width = len(rows), max(lens)
+        idx = torch.zeros(b, rows[0].shape[0], width, dtype=torch.int64, device=q.device)
+        for i, r in enumerate(rows):
+            idx[i, :, : r.shape[1]] = r
+        keys, values = self.pool.k_rows[idx], self.pool.v_rows[idx]  # [B, H, W, D]
+        if not (q.dtype == keys.dtype):
+            keys, values = keys.to(q.dtype), values.to(q.dtype)
+        mask = torch.arange(width, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+        out = scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
+            enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, scale=layer.scaling,
+        )
+        return out.squeeze(2)

@@ -52,6 +52,16 @@ def _complete(entry, seq_len: int) -> bool:
     return entry is not None and entry[0] == seq_len and all(s is not None for s in entry[1])
 
 
+def index_decode(batch) -> None:
+    """After ``prepare_for_decode`` (rows placed): each compressed request's index takes the
+    rows of its new token."""
+    allocator = batch.token_to_kv_pool_allocator
+    if not isinstance(allocator, DkvAllocator) or batch.out_cache_loc is None:
+        return
+    slots = batch.req_pool_indices.tolist()
+    allocator.get_kvcache().kept.append(slots, batch.out_cache_loc, batch.seq_lens.tolist())
+
+
 def plan_batch(batch, config: PolicyConfig) -> None:
     """Before an extend batch runs: tell the pool what each request's prefill does."""
     allocator = batch.token_to_kv_pool_allocator
@@ -139,6 +149,8 @@ def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
         )
         # Tokens no layer keeps give their ids back (they read as the hole from now on).
         req_to_token[rpi, shared:seq_len] = allocator.table.release_unheld(vids[shared:]).to(req_to_token.dtype)
+        room = min(max((req.sampling_params.max_new_tokens or 0) - len(req.output_ids) + 1, 1), 256)
+        pool.kept.build(rpi, req_to_token[rpi, :seq_len], room)
         setattr(req, REPLAY_ATTR, selection)
         record_compression(allocator, selection.prompt_len, selection.kept_per_layer)
         req.customized_info = {

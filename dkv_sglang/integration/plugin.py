@@ -73,6 +73,7 @@ def register() -> None:
     if settings.page_size() > 1:  # physical pages of rows: placed once the ids meet their requests
         HookRegistry.register(f"{_BATCH}.prepare_for_extend", _place_extend, HookType.AFTER)
         HookRegistry.register(f"{_BATCH}.prepare_for_decode", _place_decode, HookType.AFTER)
+    HookRegistry.register(f"{_BATCH}.prepare_for_decode", _index_decode, HookType.AFTER)  # after placing
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
 
@@ -133,6 +134,12 @@ def _place_extend(result, batch):
     from .paging import place_extend
 
     place_extend(batch)
+
+
+def _index_decode(result, batch):
+    from .compressor import index_decode
+
+    index_decode(batch)
 
 
 def _place_decode(result, batch):

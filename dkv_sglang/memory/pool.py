@@ -17,6 +17,7 @@ from sglang.srt.mem_cache.allocator.base import BaseTokenToKVPoolAllocator
 from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 
 from ..policy import PolicyConfig, Selection
+from .kept_index import KeptIndex
 from .paged_table import PagedRowTable
 from .row_table import RowTable
 
@@ -75,6 +76,8 @@ class DkvKVPool(KVCache):
             self.table.move = self.copy_rows
         else:
             self.table = RowTable(layer_num, head_num, size, size * IDS_PER_TOKEN, device)
+        # Each compressed request's kept rows per layer: what decode attends to.
+        self.kept = KeptIndex(self.table)
         rows = self.table.num_rows + 1
         self.k_rows = torch.zeros(rows, self.head_dim, dtype=self.store_dtype, device=device)
         self.v_rows = torch.zeros(rows, self.v_head_dim, dtype=self.store_dtype, device=device)
@@ -125,9 +128,15 @@ class DkvKVPool(KVCache):
         rows = self.table.kept_rows(layer_id - self.start_layer, vids)
         return self.k_rows[rows], self.v_rows[rows]
 
+    def decode_rows(self, layer_id: int, slots: list[int], vids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each decoding request's [H, k] head-rows in a layer (one table for both backends)."""
+        layer = layer_id - self.start_layer
+        return [self.kept.request_rows(slot, layer, v) for slot, v in zip(slots, vids)]
+
     # -- prefill plans, from the scheduler to the attention backend and the compressor --------
     def set_plan(self, req_pool_idx: int, plan: PrefillPlan) -> None:
         self._plans[req_pool_idx] = plan
+        self.kept.forget(req_pool_idx)  # a new prefill in this slot: whatever was indexed is gone
 
     def plan_of(self, req_pool_idx: int) -> PrefillPlan | None:
         return self._plans.get(req_pool_idx)
