@@ -1,37 +1,40 @@
-"""More requests per GB: full KV vs DynamicKV at equal KV memory, through the real HTTP server.
+"""More requests per GB: full KV vs DynamicKV at equal KV memory, through the real HTTP server,
+driven by SGLang's own load generator (``sglang.benchmark.serving``, see ``bench/serving.py``).
 
-    python -m bench.throughput --quick        # about 10 minutes on 2 CPU cores
+    python -m bench.throughput --quick                # about 20 minutes on 2 CPU cores
+    python -m bench.throughput --decode-table         # decode step, full vs dynamickv, batch 1/8/32
+    python -m bench.throughput --decode-table --model-path models/smollm2 --dtype bfloat16
     python -m bench.throughput --preset gpu --model-path /models/Llama-3.1-8B-Instruct
 
-The quick preset starts four servers in turn on the same random-token request stream (a random
-8-layer Llama built locally, float32, CPU):
+The throughput runs (``--quick``: a random 8-layer Llama built locally, float32) send one
+request stream (48 prompts of 2,000-3,200 random token ids, 128 output tokens, all at once) to:
 
-1. ``full``, small pool: ``--max-total-tokens`` fits about 4 requests' full KV;
-2. ``dynamickv``, the same small pool: the stream once per budget (per-request ``kv_budget``);
-3. ``full``, a pool that fits every request at once: the ceiling compression can approach on a
-   machine where decode is compute-bound;
-4. ``dynamickv``, the large pool: prefill cost of choosing (small budget vs a budget over the
-   prompt, same prompts) and decode step time at the same batch size as (3).
+- servers with **the server's defaults** (SGLang's prefix cache on): full KV and DynamicKV at
+  budgets 64/128/256 in a small pool (``--max-total-tokens`` fits 4 full requests), and full KV
+  and DynamicKV-64 in a pool that fits every request (the ceiling on a compute-bound CPU);
+- the same small-pool runs with ``--disable-radix-cache``, labelled as such, beside the defaults.
 
-All servers run with ``--disable-radix-cache --disable-overlap-schedule`` (a compressing server
-turns overlap off; the prefix cache is off so that a stream sent once per budget never hits
-what the previous budget left cached), so the comparisons differ in the policy alone. Results: ``bench/results/
-throughput-<preset>.{json,md,png}``.
+Every server runs ``--disable-overlap-schedule`` (a compressing server turns overlap off itself;
+full KV gets the same so the runs differ in the policy alone). The ``--decode-table`` runs time a
+decode step while every request of a batch decodes (1, 8 and 32 requests of 1k, 4k and 8k
+tokens), full KV vs DynamicKV-128, in a pool that fits them all. Results:
+``bench/results/throughput-<preset>.{json,md,png}`` and ``decode-<model>.{json,md}``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
-import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from . import client
-from .client import Request
-from .metrics import concurrency_bound, summarize
+import requests
+from tqdm import tqdm
+
+from . import serving
+from .serving import Load, concurrency_bound
 from .server import Server, stats
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,157 +45,162 @@ RESULTS = ROOT / "bench" / "results"
 class Preset:
     name: str
     model_path: str | None  # None: build the random benchmark Llama
-    num_prompts: int
-    input_min: int
-    input_max: int
-    output_len: int
+    load: Load
     budgets: tuple[int, ...]
     main_budget: int
     small_pool_requests: int | None  # full requests the small pool fits; None: size by memory
     dtype: str
     cost_prompt_len: int
     cost_pairs: int
-    decode_batch: int
-    decode_output_len: int
 
 
 QUICK = Preset(
-    name="quick", model_path=None, num_prompts=24, input_min=2000, input_max=3200, output_len=128,
-    budgets=(64, 128, 256), main_budget=128, small_pool_requests=4, dtype="float32",
-    cost_prompt_len=4000, cost_pairs=3, decode_batch=8, decode_output_len=64,
+    name="quick", model_path=None, load=Load(num_prompts=48, input_len=3200, range_ratio=0.625, output_len=128),
+    budgets=(64, 128, 256), main_budget=64, small_pool_requests=4, dtype="float32",
+    cost_prompt_len=4000, cost_pairs=3,
 )
 # For a GPU machine (not run on CPU): memory-bound decode, pools sized by --mem-fraction-static.
 # Its target: more than KV-Compress's 5.18x total throughput over full KV at equal memory.
 GPU = Preset(
-    name="gpu", model_path=None, num_prompts=1000, input_min=4000, input_max=8000, output_len=256,
-    budgets=(128, 256, 512), main_budget=256, small_pool_requests=None, dtype="bfloat16",
-    cost_prompt_len=8000, cost_pairs=8, decode_batch=64, decode_output_len=128,
+    name="gpu", model_path=None, load=Load(num_prompts=1000, input_len=8000, range_ratio=0.5, output_len=256),
+    budgets=(128, 256, 512), main_budget=128, small_pool_requests=None, dtype="bfloat16",
+    cost_prompt_len=8000, cost_pairs=8,
 )
 PRESETS = {"quick": QUICK, "gpu": GPU}
-COMMON_ARGS = ["--disable-radix-cache", "--disable-overlap-schedule", "--log-level", "warning"]
+COMMON_ARGS = ["--disable-overlap-schedule", "--log-level", "warning"]
+NO_CACHE = "--disable-radix-cache"
+
+DECODE_LENGTHS = (1000, 4000, 8000)
+DECODE_BATCHES = (1, 8, 32)
+DECODE_BUDGET = 128
+DECODE_OUTPUT = 32
 
 
 def bench_model() -> str:
     from runtime.tiny_model import build
 
     return str(build(ROOT / "models" / "bench-llama", layers=8, hidden=256, heads=8, kv_heads=2,
-                     head_dim=32, intermediate=768, context=8192))
+                     head_dim=32, intermediate=768, context=9216))
 
 
-def workload(p: Preset, seed: int = 0) -> list[list[int]]:
-    """The request stream: random token ids, lengths uniform in [input_min, input_max]."""
-    rng = random.Random(seed)
-    return [[rng.randrange(100, 40000) for _ in range(rng.randint(p.input_min, p.input_max))]
-            for _ in range(p.num_prompts)]
-
-
-def server_args(model: str, p: Preset, policy: str, pool_tokens: int | None) -> list[str]:
-    args = ["--model-path", model, "--dtype", p.dtype, "--kv-policy", policy, *COMMON_ARGS]
+def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool) -> list[str]:
+    args = ["--model-path", model, "--dtype", dtype, "--kv-policy", policy, *COMMON_ARGS]
     if policy != "full":
-        args += ["--kv-budget", str(p.main_budget)]
+        args += ["--kv-budget", str(budget)]
     if pool_tokens is not None:
         args += ["--max-total-tokens", str(pool_tokens)]
+    if not cache:
+        args.append(NO_CACHE)
     return args
 
 
-def warm_up(url, prompts, p: Preset) -> None:
+def warm_up(url: str) -> None:
     """One short request first, so no measured run pays the server's first-use costs."""
-    client.run(url, [Request(prompts[0], 8, None)], desc="warm-up")
+    requests.post(url + "/generate", json={"input_ids": list(range(100, 140)),
+                                           "sampling_params": {"max_new_tokens": 4}}, timeout=600).raise_for_status()
 
 
-def run_stream(url, prompts, p: Preset, budget: int | None, label: str) -> dict:
-    before = stats(url)
-    custom = {"kv_budget": budget} if budget is not None else None
-    reqs = [Request(ids, p.output_len, custom) for ids in prompts]
-    results, duration, peak = client.run(url, reqs, desc=label)
-    after = stats(url)
-    out = summarize(results, duration, peak)
-    out["retracted"] = after["retracted_requests"] - before["retracted_requests"]
-    new = after["recent"][len(before["recent"]):] if budget is not None else []
-    L = after["num_layers"]
-    prompt_mean = statistics.mean(len(x) for x in prompts)
-    if new:
-        out["kv_tokens_per_request"] = statistics.mean(sum(r["kept_per_layer"]) / L for r in new) + p.output_len
-    else:
-        out["kv_tokens_per_request"] = prompt_mean + p.output_len
+def kept_tokens(url: str, before: int) -> float | None:
+    """Mean KV tokens (rows / layers) kept by the requests compressed since the server had
+    compressed ``before`` (from the last 256 of them, what ``/dkv/stats`` keeps)."""
+    s = stats(url)
+    count = min(s["requests_compressed"] - before, len(s["recent"]))
+    new = s["recent"][len(s["recent"]) - count:] if count > 0 else []
+    return sum(sum(r["kept_per_layer"]) for r in new) / len(new) / s["num_layers"] if new else None
+
+
+def stream(url: str, model: str, load: Load, label: str, logs: Path, budget: int | None = None) -> dict:
+    """One run of the stream; ``budget`` rides in ``custom_labels`` (a per-request budget)."""
+    first = stats(url)
+    before = first["requests_compressed"]
+    extra = {"custom_labels": {"kv_budget": str(budget)}} if budget is not None else None
+    out = serving.run(url, model, load, label, extra, logs / "bench_serving.log")
+    kept = kept_tokens(url, before)
+    prompt_mean = out["total_input_tokens"] / max(out["completed"], 1)
+    out["kv_tokens_per_request"] = (kept if kept is not None else prompt_mean) + load.output_len
+    out["retracted"] = stats(url)["retracted_requests"] - first["retracted_requests"]
     return out
 
 
-def prefill_cost(url, p: Preset) -> dict:
-    """Latency of prefill + choosing + one decode step, small budget vs a budget over the
-    prompt (nothing chosen), same prompts, interleaved to share the machine's noise."""
-    rng = random.Random(1)
+def prefill_cost(url: str, p: Preset) -> dict:
+    """Latency of prefill + choosing + one decode step, small budget vs a budget over the prompt
+    (nothing chosen), same prompts, interleaved to share the machine's noise."""
     small, whole = [], []
-    for _ in range(p.cost_pairs):
-        ids = [rng.randrange(100, 40000) for _ in range(p.cost_prompt_len)]
+    for i in range(p.cost_pairs):
+        ids = [(1000 + 7 * i + j) % 40000 + 100 for j in range(p.cost_prompt_len)]
         for budget, bucket in ((p.main_budget, small), (p.cost_prompt_len + 1, whole)):
-            results, _, _ = client.run(url, [Request(ids, 2, {"kv_budget": budget})], desc="prefill cost")
-            bucket.append(results[0].latency)
+            requests.post(url + "/flush_cache", timeout=60)
+            start = time.perf_counter()
+            r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
+                "max_new_tokens": 2, "ignore_eos": True, "custom_params": {"kv_budget": budget}}}, timeout=600)
+            r.raise_for_status()
+            bucket.append(time.perf_counter() - start)
     return {"prompt_tokens": p.cost_prompt_len, "latency_small_budget_s": small, "latency_no_choice_s": whole,
-            "choose_cost_fraction": statistics.mean(small) / statistics.mean(whole) - 1}
+            "choose_cost_fraction": sum(small) / sum(whole) - 1}
 
 
-def decode_step(url, prompts, p: Preset, budget: int | None) -> dict:
-    """Inter-token latency with ``decode_batch`` requests decoding together."""
-    custom = {"kv_budget": budget} if budget is not None else None
-    reqs = [Request(ids, p.decode_output_len, custom) for ids in prompts[: p.decode_batch]]
-    results, _, peak = client.run(url, reqs, desc="decode step")
-    itls = [x for r in results for x in r.itls]
-    return {"batch": p.decode_batch, "peak_running": peak, "itl_median_s": statistics.median(itls),
-            "itl_mean_s": statistics.mean(itls)}
+def ratio(a: dict, b: dict, key: str = "output_throughput") -> float:
+    return a[key] / b[key] if b[key] else float("inf")
 
 
 def check_targets(res: dict) -> list[dict]:
-    full, dkv, ceiling = res["full_small_pool"], res["dynamickv_small_pool"][str(res["main_budget"])], res.get("full_large_pool")
+    on, off = res["defaults"], res["no_radix_cache"]
+    main = str(res["main_budget"])
+    dkv, full = on["dynamickv_small_pool"][main], on["full_small_pool"]
     t = [
-        ("peak running: dynamickv >= 6x full in the same pool", dkv["peak_running"] / max(full["peak_running"], 1), 6.0),
-        ("output tok/s: dynamickv above full in the same pool", dkv["output_tokens_per_s"] / full["output_tokens_per_s"], 1.0),
-        ("no failed request", -float(sum(r["failed"] for r in [full, dkv])), 0.0),
+        (f"dynamickv-{main} / full output tok/s, same small pool, defaults", ratio(dkv, full), 2.0),
+        (f"dynamickv-{main} cache on / cache off output tok/s, same stream, small pool",
+         ratio(dkv, off["dynamickv_small_pool"][main]), 0.9),
+        (f"peak running, dynamickv-{main} / full, same small pool, defaults",
+         dkv["peak_running"] / max(full["peak_running"], 1), 10.0),
+        ("no failed request", -float(sum(r["failed"] for r in rows(res))), 0.0),
     ]
-    if ceiling:
-        t.append(("output tok/s: dynamickv >= 90% of the large-pool ceiling",
-                  dkv["output_tokens_per_s"] / ceiling["output_tokens_per_s"], 0.9))
+    if "dynamickv_large_pool" in on:
+        t.insert(1, (f"dynamickv-{main} / full output tok/s, pool that fits every request, defaults",
+                     ratio(on["dynamickv_large_pool"], on["full_large_pool"]), 1.8))
     if "prefill_cost" in res:
         t.append(("prefill cost of choosing <= 5% of prefill", -res["prefill_cost"]["choose_cost_fraction"], -0.05))
-    if "decode_step" in res:
-        d = res["decode_step"]
-        t.append(("decode step at equal batch: dynamickv no slower than full",
-                  d["full"]["itl_median_s"] / d["dynamickv"]["itl_median_s"], 1.0))
     return [{"target": name, "value": round(abs(v), 4), "pass": v >= bound} for name, v, bound in t]
 
 
+def rows(res: dict) -> list[dict]:
+    return [r for _, r in named_rows(res)]
+
+
+def named_rows(res: dict) -> list[tuple[str, dict]]:
+    out = []
+    for key, tag in (("defaults", "defaults (prefix cache on)"), ("no_radix_cache", "--disable-radix-cache")):
+        part = res[key]
+        out.append((f"full, small pool, {tag}", part["full_small_pool"]))
+        out += [(f"dynamickv-{b}, small pool, {tag}", r) for b, r in part["dynamickv_small_pool"].items()]
+        if "full_large_pool" in part:
+            out.append((f"full, large pool, {tag}", part["full_large_pool"]))
+            out.append((f"dynamickv-{res['main_budget']}, large pool, {tag}", part["dynamickv_large_pool"]))
+    return out
+
+
 def markdown(res: dict) -> str:
-    rows = [("full, small pool", res["full_small_pool"])]
-    rows += [(f"dynamickv-{b}, small pool", r) for b, r in res["dynamickv_small_pool"].items()]
-    if "full_large_pool" in res:
-        rows.append(("full, large pool (ceiling)", res["full_large_pool"]))
+    load = res["load"]
     lines = [
-        (
-            f"Preset `{res['preset']}`: {res['num_prompts']} prompts of {res['input_range'][0]}-{res['input_range'][1]} "
-            f"tokens, {res['output_len']} output tokens; small pool {res['small_pool_tokens']} tokens."
-        ),
+        (f"Preset `{res['preset']}`: {load['num_prompts']} prompts of "
+         f"{int(load['input_len'] * load['range_ratio'])}-{load['input_len']} random token ids, "
+         f"{load['output_len']} output tokens, all sent at once by `sglang.benchmark.serving`; small pool "
+         f"{res['small_pool_tokens']} tokens, large pool {res['large_pool_tokens']}."),
         "",
-        "| run | req/s | out tok/s | total tok/s | TTFT mean / p99 (s) | ITL mean / p99 (ms) | peak running | KV tokens/req | retracted | failed |",
+        "| run | req/s | out tok/s | total tok/s | TTFT mean / p99 (s) | ITL median / p99 (ms) | peak running | KV tokens/req | retracted | failed |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in rows:
+    for name, r in named_rows(res):
         lines.append(
-            f"| {name} | {r['requests_per_s']:.3f} | {r['output_tokens_per_s']:.1f} | {r['total_tokens_per_s']:.0f} | "
-            f"{r['ttft_mean_s']:.1f} / {r['ttft_p99_s']:.1f} | {1e3 * r['itl_mean_s']:.0f} / {1e3 * r['itl_p99_s']:.0f} | "
+            f"| {name} | {r['request_throughput']:.3f} | {r['output_throughput']:.1f} | {r['total_throughput']:.0f} | "
+            f"{r['mean_ttft_ms'] / 1e3:.1f} / {r['p99_ttft_ms'] / 1e3:.1f} | {r['median_itl_ms']:.0f} / {r['p99_itl_ms']:.0f} | "
             f"{r['peak_running']} | {r['kv_tokens_per_request']:.0f} | {r['retracted']} | {r['failed']} |"
         )
-    bound = (
-        f"Concurrency bound (prompt + output) / (budget + output) at budget {res['main_budget']}: "
-        f"{res['concurrency_bound']:.1f}x; reached {res['concurrency_reached']:.1f}x."
-    )
-    lines += ["", bound, ""]
+    lines += ["", f"Concurrency bound (prompt + output) / (budget + output) at budget {res['main_budget']}: "
+                  f"{res['concurrency_bound']:.1f}x."]
     if "prefill_cost" in res:
         c = res["prefill_cost"]
         lines.append(f"Prefill cost of choosing at {c['prompt_tokens']} tokens: {100 * c['choose_cost_fraction']:+.1f}%.")
-    if "decode_step" in res:
-        d = res["decode_step"]
-        lines.append(f"Decode step at batch {d['full']['batch']}: full {1e3 * d['full']['itl_median_s']:.1f} ms, "
-                     f"dynamickv {1e3 * d['dynamickv']['itl_median_s']:.1f} ms (median inter-token latency).")
     lines += ["", "| target | measured | pass |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['value']} | {'yes' if t['pass'] else 'NO'} |" for t in res["targets"]]
     return "\n".join(lines) + "\n"
@@ -204,23 +212,104 @@ def plot(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    budgets = [int(b) for b in res["dynamickv_small_pool"]]
-    dkv = [res["dynamickv_small_pool"][str(b)] for b in budgets]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, label in ((axes[0], "output_tokens_per_s", "output tokens/s"), (axes[1], "peak_running", "peak running requests")):
-        ax.plot(budgets, [r[key] for r in dkv], "o-", label="dynamickv, small pool")
-        ax.axhline(res["full_small_pool"][key], color="gray", ls="--", label="full, small pool")
-        if "full_large_pool" in res:
-            ax.axhline(res["full_large_pool"][key], color="green", ls=":", label="full, large pool")
+    for ax, key, label in ((axes[0], "output_throughput", "output tokens/s"), (axes[1], "peak_running", "peak running requests")):
+        for part, style, tag in (("defaults", "o-", "prefix cache on (default)"), ("no_radix_cache", "s--", "--disable-radix-cache")):
+            dkv = res[part]["dynamickv_small_pool"]
+            budgets = [int(b) for b in dkv]
+            ax.plot(budgets, [dkv[str(b)][key] for b in budgets], style, label=f"dynamickv, small pool, {tag}")
+        ax.axhline(res["defaults"]["full_small_pool"][key], color="gray", ls="--", label="full, small pool")
+        if "full_large_pool" in res["defaults"]:
+            ax.axhline(res["defaults"]["full_large_pool"][key], color="green", ls=":", label="full, large pool")
         ax.set_xscale("log", base=2)
         ax.set_xticks(budgets, [str(b) for b in budgets])
         ax.set_xlabel("kv budget (rows per layer)")
         ax.set_ylim(bottom=0)
         ax.set_ylabel(label)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"bench.throughput --preset {res['preset']}: equal KV memory")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"bench.throughput --preset {res['preset']}: equal KV memory, sglang.benchmark.serving")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def throughput(p: Preset, model: str, out: Path) -> dict:
+    load = p.load
+    prompt_mean = load.input_len * (1 + load.range_ratio) / 2
+    small = p.small_pool_requests and int(p.small_pool_requests * (prompt_mean + load.output_len))
+    large = load.num_prompts * (load.input_len + load.output_len) + 1024 if p.small_pool_requests else None
+    logs = out / f"throughput-{p.name}-logs"
+    res = {"preset": p.name, "config": asdict(p), "model": model, "load": asdict(load), "main_budget": p.main_budget,
+           "small_pool_tokens": small, "large_pool_tokens": large,
+           "bench_serving_command": " ".join(serving.command("URL", model, load, Path("OUT.jsonl"))[1:])}
+    runs = [("defaults", True, "small"), ("no_radix_cache", False, "small")] + ([("defaults", True, "large")] if large else [])
+    bar = tqdm(total=len(runs) * 2, desc="servers", unit="server")
+    for part, cache, pool in runs:
+        tokens = small if pool == "small" else large
+        into = res.setdefault(part, {})
+        tag = f"{pool} pool, {'cache on' if cache else 'cache off'}"
+        with Server(server_args(model, p.dtype, "full", p.main_budget, tokens, cache), logs / f"full-{pool}-{part}.log") as url:
+            warm_up(url)
+            into[f"full_{pool}_pool"] = stream(url, model, load, f"full, {tag}", logs)
+        bar.update()
+        with Server(server_args(model, p.dtype, "dynamickv", p.main_budget, tokens, cache), logs / f"dkv-{pool}-{part}.log") as url:
+            warm_up(url)
+            if pool == "small":
+                budgets = p.budgets if cache else (p.main_budget,)
+                into["dynamickv_small_pool"] = {
+                    str(b): stream(url, model, load, f"dynamickv-{b}, {tag}", logs, b) for b in budgets
+                }
+            else:
+                into["dynamickv_large_pool"] = stream(url, model, load, f"dynamickv-{p.main_budget}, {tag}", logs)
+                res["prefill_cost"] = prefill_cost(url, p)
+        bar.update()
+    bar.close()
+    res["concurrency_bound"] = concurrency_bound(prompt_mean, load.output_len, p.main_budget)
+    res["targets"] = check_targets(res)
+    stem = out / f"throughput-{p.name}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    stem.with_suffix(".md").write_text(markdown(res))
+    plot(res, stem.with_suffix(".png"))
+    print(markdown(res))
+    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+    return res
+
+
+def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches) -> dict:
+    """Decode step (ms) while every request of a batch decodes, full KV vs DynamicKV-128, one
+    server per policy with a pool that fits the largest batch of the longest prompts whole."""
+    pool = max(batches) * (max(lengths) + DECODE_OUTPUT) + 1024
+    logs = out / f"decode-{name}-logs"
+    res = {"model": model, "dtype": dtype, "budget": DECODE_BUDGET, "output_len": DECODE_OUTPUT, "cells": {}}
+    bar = tqdm(total=2 * len(lengths) * len(batches), desc="decode cells", unit="cell")
+    for policy in ("full", "dynamickv"):
+        with Server(server_args(model, dtype, policy, DECODE_BUDGET, pool, True), logs / f"{policy}.log") as url:
+            warm_up(url)
+            for n in lengths:
+                for b in batches:
+                    load = Load(num_prompts=b, input_len=n, range_ratio=1.0, output_len=DECODE_OUTPUT)
+                    r = serving.run(url, model, load, f"{policy}, {b} x {n}", None, logs / "bench_serving.log")
+                    res["cells"][f"{policy}/{n}/{b}"] = {"decode_step_ms": r["decode_step_ms"], "peak_running": r["peak_running"],
+                                                          "median_itl_ms": r["median_itl_ms"]}
+                    bar.update()
+    bar.close()
+    res["markdown"] = decode_markdown(res, lengths, batches)
+    stem = out / f"decode-{name}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    stem.with_suffix(".md").write_text(res["markdown"])
+    print(res["markdown"])
+    return res
+
+
+def decode_markdown(res: dict, lengths, batches) -> str:
+    lines = [f"Decode step (ms, median while all requests decode), `{Path(res['model']).name}` {res['dtype']}, "
+             f"full KV vs dynamickv-{res['budget']}:", "",
+             "| prompt tokens | batch | full | dynamickv | dynamickv / full |", "|---|---|---|---|---|"]
+    for n in lengths:
+        for b in batches:
+            f, d = res["cells"][f"full/{n}/{b}"]["decode_step_ms"], res["cells"][f"dynamickv/{n}/{b}"]["decode_step_ms"]
+            r = f"{d / f:.2f}x" if f and d else "-"
+            lines.append(f"| {n} | {b} | {f or float('nan'):.1f} | {d or float('nan'):.1f} | {r} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -229,59 +318,28 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="the 2-core CPU preset (the default)")
     ap.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     ap.add_argument("--model-path", help="serve this model (default: the random 8-layer benchmark Llama)")
+    ap.add_argument("--dtype", help="model dtype (default: the preset's; the decode table: float32)")
     ap.add_argument("--num-prompts", type=int, help="override the preset's number of requests")
+    ap.add_argument("--decode-table", action="store_true",
+                    help="time decode steps at equal batch instead (full vs dynamickv-128)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=DECODE_LENGTHS, help="decode table: prompt lengths")
+    ap.add_argument("--batches", type=int, nargs="+", default=DECODE_BATCHES, help="decode table: batch sizes")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     a = ap.parse_args(argv)
+    a.out.mkdir(parents=True, exist_ok=True)
+    model = a.model_path or bench_model()
+    if a.decode_table:
+        name = Path(model).name
+        decode_table(model, a.dtype or "float32", name, a.out, a.lengths, a.batches)
+        return 0
     p = PRESETS["quick" if a.quick else a.preset]
     if a.num_prompts:
-        p = replace(p, num_prompts=a.num_prompts)
-    if a.model_path:
-        p = replace(p, model_path=a.model_path)
-    if p.name == "gpu" and not p.model_path:
+        p = replace(p, load=replace(p.load, num_prompts=a.num_prompts))
+    if a.dtype:
+        p = replace(p, dtype=a.dtype)
+    if p.name == "gpu" and not a.model_path:
         ap.error("--preset gpu needs --model-path")
-    model = p.model_path or bench_model()
-    prompts = workload(p)
-    prompt_mean = statistics.mean(len(x) for x in prompts)
-    small = p.small_pool_requests and p.small_pool_requests * (int(prompt_mean) + p.output_len)
-    large = p.num_prompts * (p.input_max + p.output_len) + 1024 if p.small_pool_requests else None
-    a.out.mkdir(parents=True, exist_ok=True)
-    logs = a.out / f"throughput-{p.name}-logs"
-    res = {"preset": p.name, "config": asdict(p), "model": model, "num_prompts": p.num_prompts,
-           "input_range": [p.input_min, p.input_max], "output_len": p.output_len,
-           "small_pool_tokens": small, "main_budget": p.main_budget}
-
-    print(f"[1] full KV, pool of {small} tokens", file=sys.stderr)
-    with Server(server_args(model, p, "full", small), logs / "full-small.log") as url:
-        warm_up(url, prompts, p)
-        res["full_small_pool"] = run_stream(url, prompts, p, None, "full, small pool")
-    print("[2] dynamickv, same pool", file=sys.stderr)
-    with Server(server_args(model, p, "dynamickv", small), logs / "dkv-small.log") as url:
-        warm_up(url, prompts, p)
-        res["dynamickv_small_pool"] = {
-            str(b): run_stream(url, prompts, p, b, f"dynamickv-{b}, small pool") for b in p.budgets
-        }
-    if large:
-        print(f"[3] full KV, pool of {large} tokens (ceiling)", file=sys.stderr)
-        with Server(server_args(model, p, "full", large), logs / "full-large.log") as url:
-            warm_up(url, prompts, p)
-            res["full_large_pool"] = run_stream(url, prompts, p, None, "full, large pool")
-            full_decode = decode_step(url, prompts, p, None)
-        print("[4] dynamickv, large pool: prefill cost and decode step", file=sys.stderr)
-        with Server(server_args(model, p, "dynamickv", large), logs / "dkv-large.log") as url:
-            warm_up(url, prompts, p)
-            res["prefill_cost"] = prefill_cost(url, p)
-            res["decode_step"] = {"full": full_decode, "dynamickv": decode_step(url, prompts, p, p.main_budget)}
-
-    main_run = res["dynamickv_small_pool"][str(p.main_budget)]
-    res["concurrency_bound"] = concurrency_bound(prompt_mean, p.output_len, p.main_budget)
-    res["concurrency_reached"] = main_run["peak_running"] / max(res["full_small_pool"]["peak_running"], 1)
-    res["targets"] = check_targets(res)
-    stem = a.out / f"throughput-{p.name}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
-    stem.with_suffix(".md").write_text(markdown(res))
-    plot(res, stem.with_suffix(".png"))
-    print(markdown(res))
-    print(f"wrote {stem}.json, .md, .png", file=sys.stderr)
+    throughput(p, model, a.out)
     return 0
 
 

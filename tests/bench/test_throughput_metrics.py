@@ -1,31 +1,39 @@
+"""What bench/serving.py adds to SGLang's bench_serving: the decode step while every request of
+a batch decodes, the concurrency bound, and the command line it runs."""
+
+from pathlib import Path
+
 import pytest
 
-from bench.client import Result
-from bench.metrics import concurrency_bound, percentile, summarize
+from bench.serving import Load, command, concurrency_bound, decode_step_ms
 
 
-def test_percentile_interpolates_between_ranks():
-    assert percentile([], 99) == 0.0
-    assert percentile([5.0], 99) == 5.0
-    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 50) == 3.0
-    assert percentile([0.0, 10.0], 99) == pytest.approx(9.9)
-
-
-def test_summary_counts_only_complete_requests():
-    ok = Result(prompt_tokens=100, ok=True, output_tokens=10, ttft=0.5, latency=1.5, itls=[0.1] * 9)
-    slow = Result(prompt_tokens=300, ok=True, output_tokens=10, ttft=1.5, latency=3.0, itls=[0.3] * 9)
-    bad = Result(prompt_tokens=200, error="HTTP 400: nope")
-    s = summarize([ok, slow, bad], duration=4.0, peak_running=2)
-    assert s["failed"] == 1 and s["errors"] == ["HTTP 400: nope"]
-    assert s["requests_per_s"] == 0.5
-    assert s["output_tokens_per_s"] == 5.0
-    assert s["total_tokens_per_s"] == (400 + 20) / 4.0
-    assert s["ttft_mean_s"] == 1.0
-    assert s["itl_mean_s"] == pytest.approx(0.2)
-    assert s["peak_running"] == 2
+def test_decode_step_counts_only_gaps_while_every_request_decodes():
+    # request 0 starts decoding at 1.0 s, request 1 at 2.0 s (its prefill held everyone up);
+    # request 0 finishes at 1.0 + 0.5 + 1.5 + 0.1 + 0.1 = 3.2 s, request 1 at 2.0 + 4 * 0.1 = 2.4 s
+    ttfts = [1.0, 2.0]
+    itls = [[0.5, 1.5, 0.1, 0.1], [0.1, 0.1, 0.1, 0.1]]
+    # window [2.0, 2.4]: request 0's gap ending at 3.0 started at 1.5 (before 2.0): excluded;
+    # request 1's four 0.1 s gaps all lie inside
+    assert decode_step_ms(ttfts, itls) == pytest.approx(100.0)
+    assert decode_step_ms([1.0], [[0.2, 0.4, 0.3]]) == pytest.approx(300.0)
+    assert decode_step_ms([], []) is None
+    assert decode_step_ms([1.0, 5.0], [[0.1], [0.1]]) is None, "never all decoding at once"
 
 
 def test_concurrency_bound():
     # 2600-token prompts, 128 output tokens, budget 128: (2600+128)/(128+128)
     assert concurrency_bound(2600, 128, 128) == pytest.approx(2728 / 256)
     assert concurrency_bound(100, 28, 128) == 1.0  # short prompts are not compressed
+
+
+def test_command_is_sglangs_bench_serving_on_random_ids_with_the_budget_in_custom_labels():
+    cmd = command("http://h:1", "m", Load(12, 3200, 0.625, 128, seed=3), Path("o.jsonl"),
+                  {"custom_labels": {"kv_budget": "64"}})
+    assert cmd[1:3] == ["-m", "sglang.benchmark.serving"]
+    args = dict(zip(cmd[3::1], cmd[4::1]))
+    assert args["--dataset-name"] == "random-ids" and args["--num-prompts"] == "12"
+    assert args["--random-input-len"] == "3200" and args["--random-range-ratio"] == "0.625"
+    assert args["--request-rate"] == "inf" and args["--seed"] == "3"
+    assert "--flush-cache" in cmd and "--tokenize-prompt" in cmd and "--output-details" in cmd
+    assert args["--extra-request-body"] == '{"custom_labels": {"kv_budget": "64"}}'
