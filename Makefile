@@ -4,7 +4,7 @@ MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
 
-.PHONY: setup serve test test-fast bench-throughput bench-quality bench-ruler bench-prefix lint clean
+.PHONY: setup serve test test-fast bench-throughput bench-decode bench-quality bench-ruler bench-prefix lint clean
 
 setup:
 	bash runtime/setup.sh
@@ -17,9 +17,17 @@ serve: setup
 test: setup
 	$(PY) -m pytest tests -q
 
-# Full KV vs DynamicKV at equal KV memory through the real server (about 10 minutes on 2 cores).
+# Full KV vs DynamicKV at equal KV memory through the real server, load from SGLang's own
+# bench_serving (about 20 minutes on 2 cores); the decode step at equal batch (bench-decode,
+# DECODE="--model-path models/smollm2 --dtype bfloat16" for the model `make serve` runs).
+DECODE ?=
 bench-throughput: setup
+	$(BENCH_DEPS)
 	$(PY) -m bench.throughput --quick
+
+bench-decode: setup
+	$(BENCH_DEPS)
+	$(PY) -m bench.throughput --decode-table $(DECODE)
 
 # Documents asked several questions: DynamicKV with SGLang's prefix cache vs without (about 5 minutes).
 bench-prefix: setup
