@@ -54,7 +54,8 @@ def test_code_case_cuts_a_real_file_before_a_code_line(tokenizer):
 
 
 def test_code_lines_skip_docstrings_and_comments():
-    src = 'def f(x):\n    """Doc.\n    if looks_like_code(x) == 1:\n    """\n    # comment here is long\n    return x + 1\n'
+    src = ('def f(x):\n    """Doc.\n    if looks_like_code(x) == 1:\n    """\n'
+           "    # comment here is long\n    return x + 1\n")
     assert codeio.code_lines(src) == {0, 5}
     assert codeio.cut(src, 0) == ("".join(src.splitlines(True)[:5]), "return x + 1")
     assert codeio.cut(src, len(src) - 2) is None

@@ -105,7 +105,8 @@ def test_checks_name_streamingllm_and_uninformative_tasks():
 
 def test_quick_preset_and_requests():
     args = quality.parse(["--quick"])
-    assert args.model == "smollm2" and "followup" in args.tasks and "code" in args.tasks and args.name == "quality-quick-smollm2"
+    assert args.model == "smollm2" and "followup" in args.tasks and "code" in args.tasks
+    assert args.name == "quality-quick-smollm2"
     assert args.budgets == [32, 64, 128, 256] and args.lengths == quality.PRESETS["quick"]["lengths"]
     std = quality.parse(["--standard"])
     assert std.name == "quality-standard-smollm2" and len(std.depths) * std.seeds >= 100
