@@ -122,6 +122,15 @@ def stream(url: str, model: str, load: Load, label: str, logs: Path, budget: int
     return out
 
 
+def flush_cache(url: str, tries: int = 50) -> None:
+    """Empty SGLang's prefix cache; it refuses while a request is still being released."""
+    for _ in range(tries):
+        if requests.post(url + "/flush_cache", timeout=60).status_code == 200:
+            return
+        time.sleep(0.2)
+    raise RuntimeError("the server did not flush its prefix cache")
+
+
 def prefill_cost(url: str, p: Preset) -> dict:
     """Latency of prefill + choosing + one decode step, small budget vs a budget over the prompt
     (nothing chosen), same prompts, interleaved to share the machine's noise."""
@@ -129,12 +138,14 @@ def prefill_cost(url: str, p: Preset) -> dict:
     for i in range(p.cost_pairs):
         ids = [(1000 + 7 * i + j) % 40000 + 100 for j in range(p.cost_prompt_len)]
         for budget, bucket in ((p.main_budget, small), (p.cost_prompt_len + 1, whole)):
-            requests.post(url + "/flush_cache", timeout=60)
+            flush_cache(url)
             start = time.perf_counter()
             r = requests.post(url + "/generate", json={"input_ids": ids, "sampling_params": {
                 "max_new_tokens": 2, "ignore_eos": True, "custom_params": {"kv_budget": budget}}}, timeout=600)
             r.raise_for_status()
             bucket.append(time.perf_counter() - start)
+            if r.json()["meta_info"].get("cached_tokens"):
+                raise RuntimeError("prefill cost: a request hit the prefix cache after a flush")
     return {"prompt_tokens": p.cost_prompt_len, "latency_small_budget_s": small, "latency_no_choice_s": whole,
             "choose_cost_fraction": sum(small) / sum(whole) - 1}
 
