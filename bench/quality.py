@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from . import plots, summary, tasks
+from .presets import apply_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -62,10 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
     args = p.parse_args(argv)
-    args.preset = "quick" if args.quick else "standard" if args.standard else "full"
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.preset = apply_preset(args, PRESETS)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
     args.name = args.name or f"quality-{args.preset}-{args.model}"
     return args

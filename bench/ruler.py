@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 from . import summary
+from .presets import apply_preset
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -82,10 +83,7 @@ def parse(argv=None) -> argparse.Namespace:
                    "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
     p.add_argument("--name", help="results file stem (default ruler-<preset>-<model>)")
     args = p.parse_args(argv)
-    args.preset = "quick" if args.quick else "standard" if args.standard else "full"
-    for k, v in PRESETS[args.preset].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    args.preset = apply_preset(args, PRESETS)
     args.name = args.name or f"ruler-{args.preset}-{args.model}"
     return args
 
