@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,11 +17,7 @@ from pathlib import Path
 
 import requests
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bench.server import free_port, log_tail
 
 
 class Process:
@@ -54,14 +49,14 @@ class Process:
         deadline = time.time() + timeout
         while True:
             if not self.alive():
-                raise RuntimeError(f"{what} exited at start; see {self.log}")
+                raise RuntimeError(f"{what} exited at start; {self.log} ends:\n{log_tail(self.log)}")
             try:
                 if ready():
                     return
             except (requests.RequestException, ValueError, KeyError):
                 pass
             if time.time() > deadline:
-                raise TimeoutError(f"{what} not ready in {timeout:.0f} s; see {self.log}")
+                raise TimeoutError(f"{what} not ready in {timeout:.0f} s; {self.log} ends:\n{log_tail(self.log)}")
             time.sleep(1)
 
 
