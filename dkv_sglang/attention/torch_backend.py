@@ -94,12 +94,19 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             if plan is not None and plan.replay is not None:
                 mask = replay_mask(plan.replay, layer.layer_id - self.pool.start_layer, seq_len)
                 o[start:end] = self._attend(q_req, keys, values, layer, causal=False, mask=mask[:, prefix_len:])
-            elif prefix_len > 0:
-                # A cached prefix or an earlier chunk: only the new queries, each seeing the
-                # keys up to its own position (a prefix cache hit costs its new tokens only).
+            elif prefix_len > 0 and 4 * ext_len < seq_len:
+                # A few new queries on a long cached prefix (a prefix cache hit): each sees the
+                # keys up to its own position, through an explicit mask (SDPA's unfused path).
                 pos = torch.arange(seq_len, device=keys.device)
                 mask = (pos[None, :] <= pos[prefix_len:, None]).expand(keys.shape[0], -1, -1)
                 o[start:end] = self._attend(q_req, keys, values, layer, causal=False, mask=mask)
+            elif prefix_len > 0:
+                # A later chunk, or many new tokens: as SGLang's torch_native, the queries placed at
+                # their positions in a zero query of the whole sequence, one causal call (the fused
+                # kernel; from a quarter of the sequence on, faster than the mask, 5x at half).
+                q_all = q_req.new_zeros((q_req.shape[0], seq_len, q_req.shape[2]))
+                q_all[:, prefix_len:] = q_req
+                o[start:end] = self._attend(q_all, keys, values, layer, causal=True)[prefix_len:]
             else:
                 o[start:end] = self._attend(q_req, keys, values, layer, causal=True)
             if self.pool.needs_scores(rpi, seq_len):
