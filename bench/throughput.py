@@ -6,19 +6,21 @@ driven by SGLang's own load generator (``sglang.benchmark.serving``, see ``bench
     python -m bench.throughput --decode-table --model-path models/smollm2 --dtype bfloat16
     python -m bench.throughput --preset gpu --model-path /models/Llama-3.1-8B-Instruct
 
-The throughput runs (``--quick``: a random 8-layer Llama built locally, float32) send one
-request stream (48 prompts of 2,000-3,200 random token ids, 128 output tokens, all at once) to:
+The throughput runs (``--quick``: a random 6-layer Llama built locally, hidden 128, 8 query /
+2 KV heads, float32, the model of issue 12) send one request stream (48 prompts of 2,000-3,200
+random token ids, 128 output tokens, all at once) to:
 
-- servers with **the server's defaults** (SGLang's prefix cache on): full KV and DynamicKV at
-  budgets 64/128/256 in a small pool (``--max-total-tokens`` fits 4 full requests), and full KV
-  and DynamicKV-64 in a pool that fits every request (the ceiling on a compute-bound CPU);
-- the same small-pool runs with ``--disable-radix-cache``, labelled as such, beside the defaults.
+- servers with **the server's defaults** (SGLang's prefix cache on, overlap scheduling on where
+  the policy allows it): full KV and DynamicKV at budgets 64/128/256 in a small pool
+  (``--max-total-tokens`` fits 2.5 mean full requests: two of the longest), and full KV and
+  DynamicKV-64 in a pool that fits every request;
+- labelled runs beside them that turn a default off: the small-pool pair with
+  ``--disable-radix-cache``, and full KV with ``--disable-overlap-schedule`` (a compressing
+  server turns overlap off itself: compression runs between forward passes).
 
-Every server runs ``--disable-overlap-schedule`` (a compressing server turns overlap off itself;
-full KV gets the same so the runs differ in the policy alone). The ``--decode-table`` runs time a
-decode step while every request of a batch decodes (1, 8 and 32 requests of 1k, 4k and 8k
-tokens), full KV vs DynamicKV-128, in a pool that fits them all. Results:
-``bench/results/throughput-<preset>.{json,md,png}`` and ``decode-<model>.{json,md}``.
+The ``--decode-table`` runs time a decode step while every request of a batch decodes (1, 8 and
+32 requests of 256, 1k, 4k and 8k tokens), full KV vs DynamicKV-128, in a pool that fits them all.
+Results: ``bench/results/throughput-<preset>.{json,md,png}`` and ``decode-<model>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class Preset:
     load: Load
     budgets: tuple[int, ...]
     main_budget: int
-    small_pool_requests: int | None  # full requests the small pool fits; None: size by memory
+    small_pool_requests: float | None  # mean full requests the small pool fits; None: size by memory
     dtype: str
     cost_prompt_len: int
     cost_pairs: int
@@ -56,7 +58,7 @@ class Preset:
 
 QUICK = Preset(
     name="quick", model_path=None, load=Load(num_prompts=48, input_len=3200, range_ratio=0.625, output_len=128),
-    budgets=(64, 128, 256), main_budget=64, small_pool_requests=4, dtype="float32",
+    budgets=(64, 128, 256), main_budget=64, small_pool_requests=2.5, dtype="float32",
     cost_prompt_len=4000, cost_pairs=3,
 )
 # For a GPU machine (not run on CPU): memory-bound decode, pools sized by --mem-fraction-static.
@@ -67,10 +69,11 @@ GPU = Preset(
     cost_prompt_len=8000, cost_pairs=8,
 )
 PRESETS = {"quick": QUICK, "gpu": GPU}
-COMMON_ARGS = ["--disable-overlap-schedule", "--log-level", "warning"]
+COMMON_ARGS = ["--log-level", "warning"]
 NO_CACHE = "--disable-radix-cache"
+NO_OVERLAP = "--disable-overlap-schedule"
 
-DECODE_LENGTHS = (1000, 4000, 8000)
+DECODE_LENGTHS = (256, 1000, 4000, 8000)
 DECODE_BATCHES = (1, 8, 32)
 DECODE_BUDGET = 128
 DECODE_OUTPUT = 32
@@ -79,11 +82,14 @@ DECODE_OUTPUT = 32
 def bench_model() -> str:
     from runtime.tiny_model import build
 
-    return str(build(ROOT / "models" / "bench-llama", layers=8, hidden=256, heads=8, kv_heads=2,
-                     head_dim=32, intermediate=768, context=9216))
+    return str(build(ROOT / "models" / "bench-llama-6x128", layers=6, hidden=128, heads=8, kv_heads=2,
+                     head_dim=16, intermediate=384, context=9216))
 
 
-def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool) -> list[str]:
+def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool,
+                overlap: bool = True) -> list[str]:
+    """``cache``/``overlap`` False turn that default off (overlap matters to full KV only: a
+    compressing server turns it off itself)."""
     args = ["--model-path", model, "--dtype", dtype, "--kv-policy", policy, *COMMON_ARGS]
     if policy != "full":
         args += ["--kv-budget", str(budget)]
@@ -91,6 +97,8 @@ def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: i
         args += ["--max-total-tokens", str(pool_tokens)]
     if not cache:
         args.append(NO_CACHE)
+    if not overlap:
+        args.append(NO_OVERLAP)
     return args
 
 
@@ -180,9 +188,13 @@ def rows(res: dict) -> list[dict]:
 
 def named_rows(res: dict) -> list[tuple[str, dict]]:
     out = []
-    for key, tag in (("defaults", "defaults (prefix cache on)"), ("no_radix_cache", "--disable-radix-cache")):
-        part = res[key]
-        out.append((f"full, small pool, {tag}", part["full_small_pool"]))
+    for key, tag in (("defaults", "defaults"), ("no_overlap", NO_OVERLAP),
+                     ("no_radix_cache", NO_CACHE)):
+        part = res.get(key, {})
+        if "full_small_pool" in part:
+            out.append((f"full, small pool, {tag}", part["full_small_pool"]))
+        if "dynamickv_small_pool" not in part:
+            continue
         out += [(f"dynamickv-{b}, small pool, {tag}", r) for b, r in part["dynamickv_small_pool"].items()]
         if "full_large_pool" in part:
             out.append((f"full, large pool, {tag}", part["full_large_pool"]))
@@ -196,7 +208,9 @@ def markdown(res: dict) -> str:
         (f"Preset `{res['preset']}`: {load['num_prompts']} prompts of "
          f"{int(load['input_len'] * load['range_ratio'])}-{load['input_len']} random token ids, "
          f"{load['output_len']} output tokens, all sent at once by `sglang.benchmark.serving`; small pool "
-         f"{res['small_pool_tokens']} tokens, large pool {res['large_pool_tokens']}."),
+         f"{res['small_pool_tokens']} tokens, large pool {res['large_pool_tokens']}. Model `{Path(res['model']).name}`. "
+         "`defaults`: the server's own (prefix cache on; overlap scheduling on for full KV, off by itself for a "
+         "compressing policy)."),
         "",
         "| run | req/s | out tok/s | total tok/s | TTFT mean / p99 (s) | ITL median / p99 (ms) | peak running | KV tokens/req | retracted | failed |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -209,6 +223,9 @@ def markdown(res: dict) -> str:
         )
     lines += ["", f"Concurrency bound (prompt + output) / (budget + output) at budget {res['main_budget']}: "
                   f"{res['concurrency_bound']:.1f}x."]
+    if "no_overlap" in res:
+        lines.append(f"Full KV, small pool, output tok/s with overlap scheduling on (default) / off: "
+                     f"{ratio(res['defaults']['full_small_pool'], res['no_overlap']['full_small_pool']):.2f}x.")
     if "prefill_cost" in res:
         c = res["prefill_cost"]
         lines.append(f"Prefill cost of choosing at {c['prompt_tokens']} tokens: {100 * c['choose_cost_fraction']:+.1f}%.")
@@ -252,20 +269,24 @@ def throughput(p: Preset, model: str, out: Path) -> dict:
     res = {"preset": p.name, "config": asdict(p), "model": model, "load": asdict(load), "main_budget": p.main_budget,
            "small_pool_tokens": small, "large_pool_tokens": large,
            "bench_serving_command": " ".join(serving.command("URL", model, load, Path("OUT.jsonl"))[1:])}
-    runs = [("defaults", True, "small"), ("no_radix_cache", False, "small")] + ([("defaults", True, "large")] if large else [])
-    bar = tqdm(total=len(runs) * 2, desc="servers", unit="server")
-    for part, cache, pool in runs:
+    # (part, policy, pool, prefix cache, overlap): the defaults first, then the labelled runs beside them
+    runs = [("defaults", "full", "small", True, True), ("defaults", "dynamickv", "small", True, True),
+            ("no_overlap", "full", "small", True, False),
+            ("no_radix_cache", "full", "small", False, True), ("no_radix_cache", "dynamickv", "small", False, True)]
+    if large:
+        runs += [("defaults", "full", "large", True, True), ("defaults", "dynamickv", "large", True, True)]
+    bar = tqdm(total=len(runs), desc="servers", unit="server")
+    for part, policy, pool, cache, overlap in runs:
         tokens = small if pool == "small" else large
         into = res.setdefault(part, {})
-        tag = f"{pool} pool, {'cache on' if cache else 'cache off'}"
-        with Server(server_args(model, p.dtype, "full", p.main_budget, tokens, cache), logs / f"full-{pool}-{part}.log") as url:
+        tag = f"{pool} pool, {'cache on' if cache else 'cache off'}{'' if overlap else ', overlap off'}"
+        args = server_args(model, p.dtype, policy, p.main_budget, tokens, cache, overlap)
+        with Server(args, logs / f"{policy}-{pool}-{part}.log") as url:
             warm_up(url)
-            into[f"full_{pool}_pool"] = stream(url, model, load, f"full, {tag}", logs)
-        bar.update()
-        with Server(server_args(model, p.dtype, "dynamickv", p.main_budget, tokens, cache), logs / f"dkv-{pool}-{part}.log") as url:
-            warm_up(url)
-            if pool == "small":
-                budgets = p.budgets if cache else (p.main_budget,)
+            if policy == "full":
+                into[f"full_{pool}_pool"] = stream(url, model, load, f"full, {tag}", logs)
+            elif pool == "small":
+                budgets = p.budgets if part == "defaults" else (p.main_budget,)
                 into["dynamickv_small_pool"] = {
                     str(b): stream(url, model, load, f"dynamickv-{b}, {tag}", logs, b) for b in budgets
                 }
@@ -303,12 +324,33 @@ def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches)
                                                           "median_itl_ms": r["median_itl_ms"]}
                     bar.update()
     bar.close()
+    res["targets"] = decode_targets(res)
     res["markdown"] = decode_markdown(res, lengths, batches)
     stem = out / f"decode-{name}"
     stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
     stem.with_suffix(".md").write_text(res["markdown"])
     print(res["markdown"])
     return res
+
+
+def decode_targets(res: dict) -> list[dict]:
+    """Issue 12's decode targets, from the cells that exist (ratios of median steps, one run)."""
+    def step(policy, n, b):
+        cell = res["cells"].get(f"{policy}/{n}/{b}")
+        return cell and cell["decode_step_ms"]
+
+    wanted = [
+        (f"dynamickv-{res['budget']}, 8k / 1k-token prompts, batch 1", ("dynamickv", 8000, 1), ("dynamickv", 1000, 1), 1.1),
+        (f"dynamickv-{res['budget']}, 8k / 1k-token prompts, batch 8", ("dynamickv", 8000, 8), ("dynamickv", 1000, 8), 1.1),
+        (f"dynamickv-{res['budget']} at 4k / full KV at 256-token prompts, batch 1", ("dynamickv", 4000, 1), ("full", 256, 1), 1.05),
+        (f"dynamickv-{res['budget']} / full KV, 4k-token prompts, batch 8", ("dynamickv", 4000, 8), ("full", 4000, 8), 0.14),
+    ]
+    out = []
+    for name, num, den, bound in wanted:
+        a, b = step(*num), step(*den)
+        if a and b:
+            out.append({"target": f"{name} <= {bound}x", "value": round(a / b, 3), "pass": a / b <= bound})
+    return out
 
 
 def decode_markdown(res: dict, lengths, batches) -> str:
@@ -320,6 +362,9 @@ def decode_markdown(res: dict, lengths, batches) -> str:
             f, d = res["cells"][f"full/{n}/{b}"]["decode_step_ms"], res["cells"][f"dynamickv/{n}/{b}"]["decode_step_ms"]
             r = f"{d / f:.2f}x" if f and d else "-"
             lines.append(f"| {n} | {b} | {f or float('nan'):.1f} | {d or float('nan'):.1f} | {r} |")
+    if res.get("targets"):
+        lines += ["", "| target | measured | pass |", "|---|---|---|"]
+        lines += [f"| {t['target']} | {t['value']}x | {'yes' if t['pass'] else 'NO'} |" for t in res["targets"]]
     return "\n".join(lines) + "\n"
 
 

@@ -37,3 +37,17 @@ def test_command_is_sglangs_bench_serving_on_random_ids_with_the_budget_in_custo
     assert args["--request-rate"] == "inf" and args["--seed"] == "3"
     assert "--flush-cache" in cmd and "--tokenize-prompt" in cmd and "--output-details" in cmd
     assert args["--extra-request-body"] == '{"custom_labels": {"kv_budget": "64"}}'
+
+
+def test_decode_targets_are_ratios_of_the_cells_that_exist():
+    from bench.throughput import decode_targets
+
+    cells = {"dynamickv/8000/1": 66.0, "dynamickv/1000/1": 60.0, "dynamickv/4000/1": 70.0, "full/256/1": 62.0,
+             "dynamickv/4000/8": 140.0, "full/4000/8": 1000.0, "dynamickv/8000/8": None}
+    res = {"budget": 128, "cells": {k: {"decode_step_ms": v} for k, v in cells.items()}}
+    got = {t["target"]: (t["value"], t["pass"]) for t in decode_targets(res)}
+    assert got == {
+        "dynamickv-128, 8k / 1k-token prompts, batch 1 <= 1.1x": (1.1, True),
+        "dynamickv-128 at 4k / full KV at 256-token prompts, batch 1 <= 1.05x": (1.129, False),
+        "dynamickv-128 / full KV, 4k-token prompts, batch 8 <= 0.14x": (0.14, True),
+    }  # batch 8 at 8k has no step (never all decoding at once): no row rather than a made-up one
