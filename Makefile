@@ -18,7 +18,7 @@ test: setup
 	$(PY) -m pytest tests -q
 
 # Full KV vs DynamicKV at equal KV memory through the real server, load from SGLang's own
-# bench_serving (about 20 minutes on 2 cores); the decode step at equal batch (bench-decode,
+# bench_serving (about 11 minutes on 2 cores); the decode step at equal batch (bench-decode, 10 min;
 # DECODE="--model-path models/smollm2 --dtype bfloat16" for the model `make serve` runs).
 DECODE ?=
 bench-throughput: setup

@@ -1,7 +1,7 @@
 """More requests per GB: full KV vs DynamicKV at equal KV memory, through the real HTTP server,
 driven by SGLang's own load generator (``sglang.benchmark.serving``, see ``bench/serving.py``).
 
-    python -m bench.throughput --quick                # about 20 minutes on 2 CPU cores
+    python -m bench.throughput --quick                # about 11 minutes on 2 CPU cores
     python -m bench.throughput --decode-table         # decode step, full vs dynamickv, batch 1/8/32
     python -m bench.throughput --decode-table --model-path models/smollm2 --dtype bfloat16
     python -m bench.throughput --preset gpu --model-path /models/Llama-3.1-8B-Instruct
