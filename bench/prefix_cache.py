@@ -110,7 +110,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-budget", type=int, default=128, help="DynamicKV budget (default 128)")
     ap.add_argument("--name", default="prefix-cache", help="results file name under bench/results/")
     args = ap.parse_args(argv)
-    model = args.model_path or bench_model()
+    model = args.model_path or bench_model(layers=8, hidden=256)  # the README's prefix-cache figures
     prompts = workload(args.docs, args.doc_tokens, args.turns, args.question_tokens)
     base = ["--model-path", model, "--kv-policy", "dynamickv", "--kv-budget", str(args.kv_budget), *COMMON]
     runs = {}

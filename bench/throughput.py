@@ -79,11 +79,13 @@ DECODE_BUDGET = 128
 DECODE_OUTPUT = 32
 
 
-def bench_model() -> str:
+def bench_model(layers: int = 6, hidden: int = 128) -> str:
+    """A random Llama (8 query / 2 KV heads), built once under ``models/``; the default is issue
+    12's shape, the throughput preset's model."""
     from runtime.tiny_model import build
 
-    return str(build(ROOT / "models" / "bench-llama-6x128", layers=6, hidden=128, heads=8, kv_heads=2,
-                     head_dim=16, intermediate=384, context=9216))
+    return str(build(ROOT / "models" / f"bench-llama-{layers}x{hidden}", layers=layers, hidden=hidden, heads=8,
+                     kv_heads=2, head_dim=hidden // 8, intermediate=3 * hidden, context=9216))
 
 
 def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool,
