@@ -69,10 +69,14 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def requests_for(cases, policies, budgets) -> list[tuple[tasks.Case, str, int | None]]:
-    """Every (case, policy, budget), full KV once per case, cases interleaved."""
+def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.Case, str, int | None]]:
+    """Every (case, policy, budget), full KV once per case first. Cases go in blocks of ``block``,
+    every config of a block before the next block, so a block's prompts (~16k tokens at 1k each)
+    stay in the prefix cache while all its configs ask them; config by config over all cases,
+    a preset whose prompts outgrow the pool would prefill every prompt again for every config."""
     configs = [(summary.FULL, None)] + [(p, b) for b in budgets for p in policies]
-    return [(c, p, b) for p, b in configs for c in cases]
+    blocks = [cases[i:i + block] for i in range(0, len(cases), block)]
+    return [(c, p, b) for part in blocks for p, b in configs for c in part]
 
 
 def custom_params(policy: str, budget: int | None) -> dict:

@@ -113,5 +113,11 @@ def test_quick_preset_and_requests():
     cases = ["a", "b"]
     reqs = quality.requests_for(cases, ["dynamickv", "snapkv"], [32, 64])
     assert len(reqs) == 2 * (1 + 2 * 2) and reqs[0] == ("a", "full", None)
+    # in blocks: every config of cases 0-15 before any request for case 16, full KV first in each
+    many = [f"c{i}" for i in range(20)]
+    reqs = quality.requests_for(many, ["dynamickv", "snapkv"], [32, 64])
+    first = reqs[: 16 * 5]
+    assert {c for c, _, _ in first} == set(many[:16]) and all(p == "full" for _, p, _ in first[:16])
+    assert reqs[16 * 5] == ("c16", "full", None) and len(reqs) == 20 * 5
     assert quality.custom_params("full", None) == {"kv_policy": "full"}
     assert quality.custom_params("snapkv", 64) == {"kv_policy": "snapkv", "kv_budget": 64}
