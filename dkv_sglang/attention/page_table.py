@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..memory.row_table import HeadRows
+
 
 @dataclass(frozen=True)
 class PageTables:
@@ -107,12 +109,13 @@ def build_tables(row_of: torch.Tensor, vids: torch.Tensor, lens: list[int], page
     return _paginate(per_layer, kv_lens, page_size, device)
 
 
-def tables_from_rows(rows: list[list[torch.Tensor]], page_size: int = 1) -> PageTables:
-    """Page tables of every layer from each request's [H, k] head-rows per layer (what
-    ``DkvKVPool.decode_rows`` gives, the torch backend's decode reads the same)."""
-    device = rows[0][0].device
-    per_layer = [torch.cat([r.reshape(-1) for r in layer]) for layer in rows]
-    kv_lens = torch.tensor([[r.shape[1] for r in layer for _ in range(r.shape[0])] for layer in rows], dtype=torch.int64)
+def tables_from_rows(rows: list[list[HeadRows]], page_size: int = 1) -> PageTables:
+    """Page tables of every layer from each request's head-rows per layer (what
+    ``DkvKVPool.decode_rows`` gives, the torch backend's decode reads the same); one entry per
+    (request, KV head), each as long as that head's rows."""
+    device = rows[0][0].rows.device
+    per_layer = [torch.cat([r.rows[r.mask()] for r in layer]) for layer in rows]
+    kv_lens = torch.stack([torch.cat([r.lens.cpu() for r in layer]) for layer in rows]).to(torch.int64)
     return _paginate(per_layer, kv_lens, page_size, device)
 
 

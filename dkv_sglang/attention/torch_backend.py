@@ -16,6 +16,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
 from ..memory.pool import DkvKVPool
+from ..memory.row_table import HeadRows
 from ..policy import PolicyConfig, Selection, window_scores
 
 
@@ -86,9 +87,7 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
         for rpi, seq_len, prefix_len, ext_len in zip(rpis, seq_lens, prefix_lens, ext_lens):
             end = start + ext_len
             vids = req_to_token[rpi, :seq_len]
-            keys, values = self.pool.gather(layer.layer_id, vids)
-            if keys.shape[1] != seq_len:
-                raise RuntimeError("extend over a compressed prefix is not supported")
+            keys, values = self.pool.gather(layer.layer_id, vids)  # raises over a compressed prefix
             q_req = q_[start:end].movedim(0, 1)
             plan = self.pool.plan_of(rpi)
             if plan is not None and plan.replay is not None:
@@ -130,28 +129,33 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
         q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
         slots, vids = self._decode_batch(forward_batch)
         rows = self.pool.decode_rows(layer.layer_id, slots, vids)
-        lens = [r.shape[1] for r in rows]
-        if len(rows) > 1 and 2 * sum(lens) >= len(rows) * max(lens):
-            o[:] = self._attend_padded(q_, rows, lens, layer)
+        widths = [r.rows.shape[1] for r in rows]
+        if len(rows) > 1 and 2 * sum(widths) >= len(rows) * max(widths):
+            o[:] = self._attend_padded(q_, rows, layer)
         else:  # one request, or lengths too unequal for padding to pay: one call per request
             for i, r in enumerate(rows):
-                o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), self.pool.k_rows[r], self.pool.v_rows[r],
-                                            layer, causal=False)
+                mask = None if r.uniform else r.mask()[:, None, :]  # heads keeping unequal numbers
+                o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), self.pool.k_rows[r.rows],
+                                            self.pool.v_rows[r.rows], layer, causal=False, mask=mask)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _attend_padded(self, q, rows: list[torch.Tensor], lens: list[int], layer) -> torch.Tensor:
+    def _attend_padded(self, q, rows: list[HeadRows], layer) -> torch.Tensor:
         """A layer's decode in one SDPA call: q [B, Hq, D] against each request's rows, padded
-        to the longest (row 0, masked out). Returns [B, Hq, Dv]."""
-        b, width = len(rows), max(lens)
-        idx = torch.zeros(b, rows[0].shape[0], width, dtype=torch.int64, device=q.device)
+        to the longest (row 0, masked out per KV head). Returns [B, Hq, Dv]."""
+        b, width = len(rows), max(r.rows.shape[1] for r in rows)
+        heads = rows[0].rows.shape[0]
+        idx = torch.zeros(b, heads, width, dtype=torch.int64, device=q.device)
+        lens = torch.zeros(b, heads, dtype=torch.int64, device=q.device)
         for i, r in enumerate(rows):
-            idx[i, :, : r.shape[1]] = r
+            idx[i, :, : r.rows.shape[1]] = r.rows
+            lens[i] = r.lens
         keys, values = self.pool.k_rows[idx], self.pool.v_rows[idx]  # [B, H, W, D]
         if not (q.dtype == keys.dtype):
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        mask = torch.arange(width, device=q.device)[None, :] < torch.tensor(lens, device=q.device)[:, None]
+        mask = torch.arange(width, device=q.device)[None, None, :] < lens[:, :, None]  # [B, H, W]
+        group = layer.tp_q_head_num // layer.tp_k_head_num
         out = scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask[:, None, None, :],
-            enable_gqa=layer.tp_q_head_num != layer.tp_k_head_num, scale=layer.scaling,
+            q.unsqueeze(2), keys, values, attn_mask=mask.repeat_interleave(group, dim=1)[:, :, None, :],
+            enable_gqa=group != 1, scale=layer.scaling,
         )
         return out.squeeze(2)

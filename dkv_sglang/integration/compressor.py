@@ -82,7 +82,7 @@ def _take_from_prefix_cache(req, allocator: DkvAllocator, tree_cache, req_to_tok
     owns (``req.kv.cache_protected_len`` of them) and unlock them there: the cache keeps the
     whole prompt for later requests, evictable like any cached prefix.
 
-    Returns the layer-rows handed back to the cache, or None when no rows are free for the
+    Returns the head-rows handed back to the cache, or None when no rows are free for the
     copies even after evicting (the request then stays uncompressed).
     """
     shared = req.kv.cache_protected_len
@@ -101,7 +101,7 @@ def _take_from_prefix_cache(req, allocator: DkvAllocator, tree_cache, req_to_tok
     tree_cache.unlock(req.lock)
     req.lock = None
     req.kv.cache_protected_len = 0
-    return shared * allocator.table.num_layers - int(keep[:, 0].sum())
+    return shared * allocator.table.head_rows_per_token - int(keep.sum())
 
 
 def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:

@@ -7,7 +7,7 @@ attends only to its kept rows. Here a request's rows are gathered once, when it 
 into ``rows`` [L, H, capacity] (the first ``lens[l]`` entries of layer ``l`` are its kept rows
 then its generated tokens, in position order), and each decode step appends the new token's
 rows. :meth:`KeptIndex.request_rows` is what both attention backends read ((request, KV head)
-entries, positions in order): the torch backend attends to them, the FlashInfer backend pages
+entries, positions in order; heads may keep unequal numbers of rows): the torch backend attends to them, the FlashInfer backend pages
 them into its tables.
 
 Requests that were not compressed (full policy, short prompts) have no entry; they are read
@@ -20,13 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .row_table import RowTable
+from .row_table import HeadRows, RowTable
 
 
 @dataclass
 class KeptRows:
-    rows: torch.Tensor  # [L, H, capacity] int64 head-rows; [l, :, :lens[l]] are valid
-    lens: torch.Tensor  # [L] int64
+    rows: torch.Tensor  # [L, H, capacity] int64 head-rows; [l, h, :lens[l, h]] are valid
+    lens: torch.Tensor  # [L, H] int64 (heads may keep unequal numbers)
     covered: int  # sequence length (tokens) the entry covers
 
 
@@ -42,7 +42,7 @@ class KeptIndex:
         with room for ``room`` more tokens before the buffer has to grow."""
         held = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)]  # [L, H, n]
         valid = held >= 0
-        lens = valid[:, 0].sum(dim=1)  # every head of a layer keeps as many tokens (its own ones)
+        lens = valid.sum(dim=2)
         width = int(lens.max()) + max(room, 1)
         rows = torch.zeros(held.shape[0], held.shape[1], width, dtype=torch.int64, device=held.device)
         pos = torch.cumsum(valid.long(), dim=2) - 1  # each kept token's place in its (layer, head) list
@@ -62,7 +62,8 @@ class KeptIndex:
         for slot in [s for s in self.entries if s not in live]:
             del self.entries[slot]
         new_rows = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)]  # [L, H, B]
-        layers = torch.arange(new_rows.shape[0], device=new_rows.device)
+        layers = torch.arange(new_rows.shape[0], device=new_rows.device)[:, None]
+        heads = torch.arange(new_rows.shape[1], device=new_rows.device)[None, :]
         for i, (slot, seq_len) in enumerate(zip(slots, seq_lens)):
             e = self.entries.get(slot)
             if e is None:
@@ -72,14 +73,15 @@ class KeptIndex:
                 continue
             if int(e.lens.max()) >= e.rows.shape[2]:
                 e.rows = torch.cat([e.rows, torch.zeros_like(e.rows)], dim=2)
-            e.rows[layers, :, e.lens] = new_rows[:, :, i].long()
+            e.rows[layers, heads, e.lens] = new_rows[:, :, i].long()
             e.lens += 1
             e.covered = seq_len
 
-    def request_rows(self, slot: int, layer: int, vids: torch.Tensor) -> torch.Tensor:
-        """[H, k] head-rows one request attends to in ``layer`` (``vids``: its sequence, read only
+    def request_rows(self, slot: int, layer: int, vids: torch.Tensor) -> HeadRows:
+        """The head-rows one request attends to in ``layer`` (``vids``: its sequence, read only
         when it has no entry)."""
         e = self.entries.get(slot)
         if e is not None and e.covered == vids.numel():
-            return e.rows[layer, :, : int(e.lens[layer])]
+            lens = e.lens[layer]
+            return HeadRows(e.rows[layer, :, : int(lens.max())], lens.clone())
         return self.table.kept_rows(layer, vids)

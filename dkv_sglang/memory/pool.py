@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 from ..policy import PolicyConfig, Selection
 from .kept_index import KeptIndex
 from .paged_table import PagedRowTable
-from .row_table import RowTable
+from .row_table import HeadRows, RowTable
 
 # Token ids alive at once, per token of capacity: compressed requests keep their ids.
 IDS_PER_TOKEN = 8
@@ -124,12 +124,16 @@ class DkvKVPool(KVCache):
 
     # -- what attention reads --------------------------------------------------------------------
     def gather(self, layer_id: int, vids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V a layer holds for one request's token ids: [H, k, D], [H, k, Dv]."""
-        rows = self.table.kept_rows(layer_id - self.start_layer, vids)
+        """K and V of a layer for token ids that every head still holds (a prefill's sequence):
+        [H, n, D], [H, n, Dv]. A compressed sequence raises: read it through ``decode_rows``."""
+        rows = self.table.row_of[layer_id - self.start_layer][:, vids]
+        if bool((rows < 0).any()):
+            raise RuntimeError("extend over a compressed prefix is not supported by the torch backend")
+        rows = rows.to(torch.int64)
         return self.k_rows[rows], self.v_rows[rows]
 
-    def decode_rows(self, layer_id: int, slots: list[int], vids: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Each decoding request's [H, k] head-rows in a layer (one table for both backends)."""
+    def decode_rows(self, layer_id: int, slots: list[int], vids: list[torch.Tensor]) -> list[HeadRows]:
+        """Each decoding request's head-rows in a layer (one table for both backends)."""
         layer = layer_id - self.start_layer
         return [self.kept.request_rows(slot, layer, v) for slot, v in zip(slots, vids)]
 
@@ -237,11 +241,11 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
     ) -> int:
         """Drop the head-rows of ``vids`` that ``keep`` [L, H, len(vids)] does not keep; record
         it (``replayed``: a retracted request cut again to its first selection; ``released``:
-        layer-rows the request handed back to the prefix cache, which may evict them).
+        head-rows the request handed back to the prefix cache, which may evict them).
 
         Returns the layer-rows the request no longer holds.
         """
-        freed = self.table.drop(vids, keep) // self.table.num_heads + released
+        freed = (self.table.drop(vids, keep) + released) // self.table.num_heads
         self.requests_compressed += 1
         self.freed_since_admission = self.freed_since_admission or freed > 0
         self.recent.append(
@@ -249,6 +253,7 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
                 "rid": rid,
                 "prompt_tokens": selection.prompt_len,
                 "kept_per_layer": selection.kept_per_layer,
+                "kept_per_head": selection.kept_per_head,
                 "rows_freed": freed,
                 "replayed": replayed,
             }

@@ -21,7 +21,39 @@ id returns whatever head-rows it still holds. Row 0 and token id 0 are SGLang's 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+
+class HeadRows(NamedTuple):
+    """One request's head-rows in one layer: ``rows[h, :lens[h]]`` are head h's, in token order;
+    the rest of a row is padding (row 0, SGLang's padding slot, never attended to)."""
+
+    rows: torch.Tensor  # [H, W] int64
+    lens: torch.Tensor  # [H] int64
+
+    @classmethod
+    def packed(cls, rows: torch.Tensor, valid: torch.Tensor) -> HeadRows:
+        """From [H, n] rows and a mask of the held ones: each head's held rows moved to the front."""
+        heads, n = rows.shape
+        if bool(valid.all()):
+            return cls(rows.to(torch.int64), torch.full((heads,), n, dtype=torch.int64, device=rows.device))
+        lens = valid.sum(dim=1)
+        out = torch.zeros(heads, int(lens.max()) if heads else 0, dtype=torch.int64, device=rows.device)
+        pos = torch.cumsum(valid.long(), dim=1) - 1
+        head, tok = valid.nonzero(as_tuple=True)
+        out[head, pos[head, tok]] = rows[head, tok].to(torch.int64)
+        return cls(out, lens)
+
+    @property
+    def uniform(self) -> bool:
+        """Every head holds as many rows (no padding)."""
+        return bool((self.lens == self.rows.shape[1]).all())
+
+    def mask(self) -> torch.Tensor:
+        """[H, W] True where ``rows`` is a held row, False on padding."""
+        return torch.arange(self.rows.shape[1], device=self.rows.device)[None, :] < self.lens[:, None]
 
 
 class _Stack:
@@ -180,17 +212,12 @@ class RowTable:
         """[len(vids) * H] head-rows to write token-major ([T, H] flattened) in ``layer``."""
         return self.row_of[layer][:, vids].t().reshape(-1).to(torch.int64)
 
-    def kept_rows(self, layer: int, vids: torch.Tensor) -> torch.Tensor:
-        """[H, k] head-rows that ``layer`` still holds for ``vids``, in token order.
-
-        Every head of a layer keeps the same number of tokens (the policies choose so).
-        """
+    def kept_rows(self, layer: int, vids: torch.Tensor) -> HeadRows:
+        """The head-rows ``layer`` still holds for ``vids``, each head's in token order (heads
+        may keep unequal numbers: ``--kv-head-budgets adaptive``)."""
         rows = self.row_of[layer][:, vids]
-        valid = rows >= 0
-        if bool(valid.all()):
-            return rows.to(torch.int64)
-        return rows[valid].view(self.num_heads, -1).to(torch.int64)
+        return HeadRows.packed(rows, rows >= 0)
 
-    def held_per_layer(self, vids: torch.Tensor) -> list[int]:
-        """Tokens each layer holds for ``vids`` (counted on head 0)."""
-        return (self.row_of[:, 0, vids] >= 0).sum(dim=1).tolist()
+    def held_per_head(self, vids: torch.Tensor) -> torch.Tensor:
+        """[L, H] tokens each (layer, head) holds for ``vids``."""
+        return (self.row_of[:, :, vids] >= 0).sum(dim=2)

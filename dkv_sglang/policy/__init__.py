@@ -10,19 +10,19 @@ from .scoring import pool_scores, window_scores
 def select(layer_scores, prompt_len: int, config: PolicyConfig, reducer=LOCAL) -> Selection | None:
     """The rows ``config.policy`` keeps for one request (None: keep everything).
 
-    ``reducer`` is the tensor-parallel group when ``layer_scores`` hold one rank's heads; only
-    DynamicKV's budgets depend on other heads (the baselines' budgets are per layer).
+    ``reducer`` is the tensor-parallel group when ``layer_scores`` hold one rank's heads: every
+    rank must call this for the same requests (DynamicKV's layer budgets, adaptive head budgets
+    and the reported kept rows span all ranks' heads).
     """
     from . import baselines
 
-    if config.policy == "dynamickv":
-        return select_dynamickv(layer_scores, prompt_len, config, reducer)
     chooser = {
+        "dynamickv": select_dynamickv,
         "snapkv": baselines.select_snapkv,
         "pyramidkv": baselines.select_pyramidkv,
         "streamingllm": baselines.select_streamingllm,
     }[config.policy]
-    return chooser(layer_scores, prompt_len, config)
+    return chooser(layer_scores, prompt_len, config, reducer)
 
 
 __all__ = [

@@ -6,6 +6,9 @@ Every policy keeps, per request, ``budget`` rows per layer on average, window in
 - ``snapkv``: the same budget in every layer; per KV head the top prefix tokens by pooled
   window score, plus the window;
 - ``pyramidkv``: SnapKV's selection under PyramidKV's linearly decreasing per-layer budgets.
+
+SnapKV and PyramidKV take ``--kv-head-budgets adaptive`` as DynamicKV does (:mod:`.heads`);
+StreamingLLM has no scores to share rows by and keeps the same rows in every head.
 """
 
 from __future__ import annotations
@@ -15,35 +18,37 @@ from collections.abc import Sequence
 import torch
 
 from .config import PolicyConfig
-from .dynamickv import Selection, fill_surplus, with_window
+from .dynamickv import Selection, fill_surplus, layer_kept, selection
+from .reduce import LOCAL
 from .scoring import pool_scores
 
 SINKS = 4
 PYRAMID_BETA = 20  # PyramidKV: the top layer keeps base / beta rows
 
 
-def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig) -> Selection:
-    kept = []
+def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection:
+    layers = []
     for scores, k in zip(layer_scores, counts):
         pooled = pool_scores(scores.float().cpu(), cfg.kernel, cfg.pooling)
-        kept.append(with_window(pooled.topk(k, dim=-1).indices, n, cfg.window))
-    return Selection(prompt_len=n, kept=kept)
+        ranked, order = pooled.sort(dim=-1, descending=True, stable=True)  # ties: earlier position first
+        layers.append(layer_kept(ranked, order, k, n, cfg, reducer))
+    return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)
 
 
-def select_streamingllm(layer_scores, prompt_len: int, cfg: PolicyConfig) -> Selection | None:
+def select_streamingllm(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
     n = prompt_len
     if n <= cfg.budget:
         return None
     sinks = min(SINKS, cfg.budget - 1)
     heads = layer_scores[0].shape[0]
     pos = torch.cat([torch.arange(sinks), torch.arange(n - (cfg.budget - sinks), n)])
-    return Selection(prompt_len=n, kept=[pos.expand(heads, -1).clone() for _ in layer_scores])
+    return selection(n, [pos.expand(heads, -1).clone() for _ in layer_scores], reducer=reducer)
 
 
-def select_snapkv(layer_scores, prompt_len: int, cfg: PolicyConfig) -> Selection | None:
+def select_snapkv(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
     if prompt_len <= cfg.budget:
         return None
-    return _top_prefix(layer_scores, [cfg.base] * len(layer_scores), prompt_len, cfg)
+    return _top_prefix(layer_scores, [cfg.base] * len(layer_scores), prompt_len, cfg, reducer)
 
 
 def pyramid_budgets(num_layers: int, base: int, cap: int) -> list[int]:
@@ -60,8 +65,8 @@ def pyramid_budgets(num_layers: int, base: int, cap: int) -> list[int]:
     return fill_surplus(capped, budgets, cap, base * num_layers)
 
 
-def select_pyramidkv(layer_scores, prompt_len: int, cfg: PolicyConfig) -> Selection | None:
+def select_pyramidkv(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
     if prompt_len <= cfg.budget:
         return None
     counts = pyramid_budgets(len(layer_scores), cfg.base, prompt_len - cfg.window)
-    return _top_prefix(layer_scores, counts, prompt_len, cfg)
+    return _top_prefix(layer_scores, counts, prompt_len, cfg, reducer)

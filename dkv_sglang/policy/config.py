@@ -7,6 +7,11 @@ from dataclasses import asdict, dataclass
 
 POLICIES = ("full", "dynamickv", "snapkv", "pyramidkv", "streamingllm")
 POOLINGS = ("avg", "max")
+# How DynamicKV turns each layer's winners of the global top-k into its budget (dynamickv.py):
+# reference = the paper's code; the others are the hypotheses of issue 14, each one change.
+ALLOCATIONS = ("reference", "proportional", "normalized", "floor")
+# How a layer's rows are shared by its KV heads (heads.py): the same count each, or Ada-KV's.
+HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 class PolicyConfigError(ValueError):
@@ -29,6 +34,14 @@ class PolicyConfig:
     update_interval: m, DynamicKV re-decides its per-layer budgets every m layers.
     fill_surplus:    hand budget that a layer cannot use (capped by its held rows or the
                      prompt) to layers with room. False gives the reference's unique rows.
+    allocation:      DynamicKV's layer budgets from the global top-k's winners: ``reference``
+                     (the paper: c_l = winners_l // L', so at small budgets most layers round
+                     to 0), ``proportional`` (c_l = winners_l), ``normalized`` (proportional,
+                     each layer's scores first divided by the layer's total), ``floor``
+                     (proportional, every layer keeps at least base // 5, Ada-KV's safeguard).
+    head_budgets:    ``uniform``: every KV head of a layer keeps the layer's count; ``adaptive``:
+                     the layer's heads share H x count rows by one top-k (Ada-KV), each head
+                     keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv).
     """
 
     policy: str = "full"
@@ -39,6 +52,8 @@ class PolicyConfig:
     rmax: int = 10
     update_interval: int = 4
     fill_surplus: bool = True
+    allocation: str = "reference"
+    head_budgets: str = "uniform"
 
     def __post_init__(self):
         if self.policy not in POLICIES:
@@ -62,6 +77,14 @@ class PolicyConfig:
             raise PolicyConfigError("--kv-kernel", f"must be odd (padding is kernel//2), got {self.kernel}")
         if self.pooling not in POOLINGS:
             raise PolicyConfigError("--kv-pooling", f"unknown pooling {self.pooling!r}; choose from {', '.join(POOLINGS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise PolicyConfigError(
+                "--kv-allocation", f"unknown allocation {self.allocation!r}; choose from {', '.join(ALLOCATIONS)}"
+            )
+        if self.head_budgets not in HEAD_BUDGETS:
+            raise PolicyConfigError(
+                "--kv-head-budgets", f"unknown mode {self.head_budgets!r}; choose from {', '.join(HEAD_BUDGETS)}"
+            )
 
     @property
     def base(self) -> int:

@@ -9,7 +9,9 @@ which prompt tokens every (layer, KV head) keeps. The steps follow the paper's r
 3. every ``m`` layers (and after the last), one global top-k over the rows held by the layers
    seen so far counts winners per layer and re-decides all their budgets
    (:func:`update_budgets`); a layer is cut to its budget, and the reference never grows it back;
-4. what is kept: the first ``budget_l`` held tokens of each head, plus the window.
+4. what is kept: the first ``budget_l`` held tokens of each head, plus the window (with
+   ``--kv-head-budgets adaptive`` the layer's heads share ``H x budget_l`` of their held
+   tokens, :mod:`.heads`).
 
 Our changes to the reference, each deliberate:
 - one request at a time, so budgets never depend on the rest of the batch;
@@ -27,20 +29,28 @@ from dataclasses import dataclass
 import torch
 
 from .config import PolicyConfig
+from .heads import adaptive_counts, ragged_kept
 from .reduce import LOCAL
 from .scoring import pool_scores
 
 
 @dataclass(frozen=True)
 class Selection:
-    """The rows one request keeps: ``kept[l]`` is [H, k_l], ascending prompt positions."""
+    """The rows one request keeps, in this process's KV heads.
+
+    ``kept[l]`` is [H, w_l], ascending prompt positions; ``counts[l, h]`` is how many rows head h
+    keeps in layer l (window included). With uniform head budgets every head keeps w_l; with
+    adaptive ones a head keeping fewer repeats its last position (n - 1) to fill its row of
+    ``kept`` (:func:`.heads.ragged_kept`), so a mask scattered from ``kept`` is exact.
+    ``kept_per_layer`` (rows per head, averaged over heads) and ``kept_per_head`` [L][H] count
+    the heads of every tensor-parallel rank.
+    """
 
     prompt_len: int
     kept: list[torch.Tensor]
-
-    @property
-    def kept_per_layer(self) -> list[int]:
-        return [int(k.shape[1]) for k in self.kept]
+    counts: torch.Tensor
+    kept_per_layer: list[int]
+    kept_per_head: list[list[int]]
 
     def keep_mask(self) -> torch.Tensor:
         """[L, H, n] bool: True where (layer, head, position) is kept."""
@@ -52,10 +62,28 @@ class Selection:
         return mask
 
 
-def with_window(prefix_pos: torch.Tensor, n: int, window: int) -> torch.Tensor:
-    """[H, k] prefix positions plus the window's, ascending: what one layer keeps."""
-    win = torch.arange(n - window, n).expand(prefix_pos.shape[0], window)
-    return torch.cat([prefix_pos, win], dim=1).sort(dim=1).values
+def selection(prompt_len: int, kept: list[torch.Tensor], counts: torch.Tensor | None = None,
+              reducer=LOCAL) -> Selection:
+    """A :class:`Selection` from each layer's kept positions (``counts`` [L, H] when heads keep
+    unequal numbers; every rank of a tensor-parallel group must call it: it gathers the counts)."""
+    if counts is None:
+        counts = torch.tensor([[k.shape[1]] * k.shape[0] for k in kept], dtype=torch.int64)
+    every_head = reducer.gather(counts.t().contiguous()).t()  # [L, all heads]
+    per_layer = every_head.sum(dim=1) // every_head.shape[1]
+    return Selection(prompt_len, kept, counts, per_layer.tolist(), every_head.tolist())
+
+
+def layer_kept(ranked: torch.Tensor, order: torch.Tensor, per_head: int, n: int, cfg: PolicyConfig,
+               reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's kept positions [H, w] and rows per head [H] (window included), from each
+    head's candidates best first (``ranked`` scores, ``order`` positions, [H, m]): the first
+    ``per_head`` of every head, or with adaptive head budgets each head's own count."""
+    heads = order.shape[0]
+    if cfg.head_budgets == "adaptive":
+        counts = adaptive_counts(ranked, per_head, reducer)
+    else:
+        counts = torch.full((heads,), per_head, dtype=torch.int64)
+    return ragged_kept(order, counts, n, cfg.window), counts + cfg.window
 
 
 def update_points(num_layers: int, interval: int) -> list[int]:
@@ -73,6 +101,7 @@ def update_budgets(
     num_layers: int,
     cap: int,
     reducer=LOCAL,
+    allocation: str = "reference",
 ) -> list[int]:
     """One budget update over the layers seen so far.
 
@@ -85,12 +114,14 @@ def update_budgets(
         cap:         n - ws, the most prefix rows a layer can keep.
         reducer:     the tensor-parallel group (:mod:`.reduce`); ``H`` is then this rank's
                      share of the heads, and the top-k runs over all ranks' heads.
+        allocation:  ``reference``: c_l = winners_l // L' (the paper's code); otherwise
+                     c_l = winners_l, and ``floor`` first gives every seen layer base // 5.
 
     Returns:
-        budget per seen layer: base*L*c_l/sum(c) floored, c_l = winners_l // L', the
-        remainder to the last seen layer, then capped at ``cap``. The global top-k
-        (k = base * all heads * L') is exact: rows tying its k-th score count for the
-        earliest layers first.
+        budget per seen layer: floor + (base*L - floor*L')*c_l/sum(c) floored, the
+        remainder to the last seen layer, then capped at ``cap`` (floor is 0 but for
+        ``floor``). The global top-k (k = base * all heads * L') is exact: rows tying its
+        k-th score count for the earliest layers first.
     """
     lp, h, bs = held_scores.shape
     masked = held_scores.clone()
@@ -112,14 +143,15 @@ def update_budgets(
             left -= take
     else:  # fewer than k rows held: every held row wins
         counts = reducer.sum(torch.isfinite(masked).sum(dim=(1, 2)))
-    c = counts // lp
-    total = base * num_layers
+    c = counts // lp if allocation == "reference" else counts
+    floor = base // 5 if allocation == "floor" else 0
+    total = base * num_layers - floor * lp
     if int(c.sum()) == 0:
         budgets = [total // lp] * lp
     else:
         budgets = (total * c // c.sum()).tolist()
     budgets[-1] += total - sum(budgets)
-    return [min(b, cap) for b in budgets]
+    return [min(b + floor, cap) for b in budgets]
 
 
 def fill_surplus(kept: Sequence[int], budgets: Sequence[int], limit: int, total: int) -> list[int]:
@@ -149,6 +181,8 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     num_layers = len(layer_scores)
     prefix = n - ws
     pooled = torch.stack([pool_scores(s.float().cpu(), cfg.kernel, cfg.pooling) for s in layer_scores])
+    if cfg.allocation == "normalized":  # each layer's scores as shares of its own total (all ranks' heads)
+        pooled = pooled / reducer.sum(pooled.sum(dim=(1, 2))).clamp_min(1e-30)[:, None, None]
     bs = min(cfg.rmax * cfg.base, prefix)
     # [L, H, bs] best first; ties (max pooling makes plateaus) keep the earlier position first
     held_scores, order = (t[..., :bs] for t in pooled.sort(dim=-1, descending=True, stable=True))
@@ -157,10 +191,11 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     budgets = held
     for point in update_points(num_layers, cfg.update_interval):
         seen = point + 1
-        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix, reducer)
+        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix, reducer,
+                                 cfg.allocation)
         for layer in range(seen):
             held[layer] = min(held[layer], budgets[layer])
 
     counts = fill_surplus(held, budgets, bs, cfg.base * num_layers) if cfg.fill_surplus else held
-    kept = [with_window(order[layer, :, : counts[layer]], n, ws) for layer in range(num_layers)]
-    return Selection(prompt_len=n, kept=kept)
+    layers = [layer_kept(held_scores[layer], order[layer], counts[layer], n, cfg, reducer) for layer in range(num_layers)]
+    return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)

@@ -15,6 +15,7 @@ class LocalReducer:
     """One process holds every head."""
 
     world = 1
+    rank = 0
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         return values
@@ -33,6 +34,7 @@ class DistReducer:
         self._dist = dist
         self.group = group
         self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
 
     def gather(self, values: torch.Tensor) -> torch.Tensor:
         parts = [torch.empty_like(values) for _ in range(self.world)]

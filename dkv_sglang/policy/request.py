@@ -1,7 +1,7 @@
 """One request's policy: the server's settings, overridden by the request's ``custom_params``.
 
-A request may carry ``sampling_params.custom_params = {"kv_policy": ..., "kv_budget": ...}``
-(pure data, checked here without SGLang). Everything else (window, pooling, ...) stays the
+A request may carry ``sampling_params.custom_params = {"kv_policy": ..., "kv_budget": ...,
+"kv_allocation": ..., "kv_head_budgets": ...}`` (pure data, checked here without SGLang). Everything else (window, pooling, ...) stays the
 server's. A server started with ``--kv-policy full`` has no compressing pool, so its requests
 may only ask for ``full``.
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from .config import POLICIES, PolicyConfig, PolicyConfigError
+from .config import ALLOCATIONS, HEAD_BUDGETS, POLICIES, PolicyConfig, PolicyConfigError
 
-KEYS = ("kv_policy", "kv_budget")
+KEYS = ("kv_policy", "kv_budget", "kv_allocation", "kv_head_budgets")
 
 
 def for_request(server: PolicyConfig, custom_params, source: str = "custom_params") -> PolicyConfig:
@@ -50,6 +50,20 @@ def for_request(server: PolicyConfig, custom_params, source: str = "custom_param
                 f"{source}.kv_budget", f"must be at least the window + 1 = {server.window + 1}, got {budget}"
             )
         changes["budget"] = budget
+    if "kv_allocation" in custom_params:
+        allocation = custom_params["kv_allocation"]
+        if allocation not in ALLOCATIONS:
+            raise PolicyConfigError(
+                f"{source}.kv_allocation", f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}"
+            )
+        changes["allocation"] = allocation
+    if "kv_head_budgets" in custom_params:
+        mode = custom_params["kv_head_budgets"]
+        if mode not in HEAD_BUDGETS:
+            raise PolicyConfigError(
+                f"{source}.kv_head_budgets", f"unknown mode {mode!r}; choose from {', '.join(HEAD_BUDGETS)}"
+            )
+        changes["head_budgets"] = mode
     return replace(server, **changes) if changes else server
 
 

@@ -58,8 +58,9 @@ class World:
         for layer in self.layers:
             self.pool.set_kv_buffer(layer, KVWriteLoc(vids), torch.randn(len(vids), H, D), torch.randn(len(vids), H, D))
 
-    def compress(self, slot: int, seed: int) -> None:
-        """Each layer keeps its own count, each head its own tokens (same count per head)."""
+    def compress(self, slot: int, seed: int, ragged: bool = False) -> None:
+        """Each layer keeps its own count, each head its own tokens (the same count per head, or
+        with ``ragged`` each head its own count: adaptive head budgets)."""
         g = torch.Generator().manual_seed(seed)
         n = self.lens[slot]
         vids = self.r2t.req_to_token[slot, :n].long()
@@ -67,6 +68,8 @@ class World:
         for layer in range(L):
             k = int(torch.randint(1, n, (1,), generator=g))
             for h in range(H):
+                if ragged:
+                    k = int(torch.randint(1, n, (1,), generator=g))
                 keep[layer, h, torch.randperm(n - 1, generator=g)[: k - 1]] = True
         keep[..., -1] = True
         self.pool.table.drop(vids, keep)
@@ -91,16 +94,18 @@ class World:
 PAGE_SIZES = [1, 16]
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
 @pytest.mark.parametrize("group", [1, 3])
-def test_decode_matches_torch_backend_over_compressed_layers(group, page_size):
+def test_decode_matches_torch_backend_over_compressed_layers(group, page_size, ragged):
     w = World(group, page_size=page_size)
     slots, prompt = [1, 2, 3], [40, 9, 23]
     for s, n in zip(slots, prompt):
         w.write(w.fill(s, n))
-        w.compress(s, seed=s)
-    held = [w.pool.table.held_per_layer(w.r2t.req_to_token[1, :40].long())]
-    assert len(set(held[0])) > 1, "layers must keep different counts"
+        w.compress(s, seed=s, ragged=ragged)
+    held = w.pool.table.held_per_head(w.r2t.req_to_token[1, :40].long())
+    assert len(set(held[:, 0].tolist())) > 1, "layers must keep different counts"
+    assert ragged == any(len(set(layer)) > 1 for layer in held.tolist()), "heads keep unequal counts iff ragged"
     for _step in range(2):
         new = torch.cat([w.fill(s, 1) for s in slots])
         fb = w.batch(ForwardMode.DECODE, slots, [1] * 3, new)
@@ -132,7 +137,7 @@ def test_decode_reads_each_layers_own_rows(page_size):
     after = w.fi.forward_decode(q, k, v, w.layers[0], fb)
     assert torch.allclose(before, after)
     # ...and one it does hold does reach it
-    w.pool.v_rows[w.pool.table.kept_rows(0, vids)[0, 0]] = 1e6
+    w.pool.v_rows[w.pool.table.kept_rows(0, vids).rows[0, 0]] = 1e6
     assert w.fi.forward_decode(q, k, v, w.layers[0], fb).abs().max() > 1e3
 
 
@@ -180,15 +185,17 @@ def test_chunked_prefill_merges_the_cached_prefix(page_size):
         assert torch.allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("page_size", PAGE_SIZES)
-def test_extend_over_a_compressed_prefix_matches_direct_sdpa(page_size):
+def test_extend_over_a_compressed_prefix_matches_direct_sdpa(page_size, ragged):
     """Each (layer, head) attends to its own kept prefix rows, then causally to the new tokens."""
     w = World(group=3, seed=3, page_size=page_size)
     slots, prefix, ext = [1, 2], [30, 14], [4, 3]
     for s, p in zip(slots, prefix):
         w.write(w.fill(s, p))
-        w.compress(s, seed=10 + s)
-    kept = {(s, l): w.pool.gather(l, w.r2t.req_to_token[s, :p].long()) for s, p in zip(slots, prefix) for l in range(L)}
+        w.compress(s, seed=10 + s, ragged=ragged)
+    kept = {(s, l): w.pool.table.kept_rows(l, w.r2t.req_to_token[s, :p].long())
+            for s, p in zip(slots, prefix) for l in range(L)}
     new = torch.cat([w.fill(s, e) for s, e in zip(slots, ext)])
     fb = w.batch(ForwardMode.EXTEND, slots, ext, new)
     w.fi.init_forward_metadata(fb)
@@ -198,20 +205,22 @@ def test_extend_over_a_compressed_prefix_matches_direct_sdpa(page_size):
         got = w.fi.forward_extend(q, k, v, layer, fb).view(-1, w.hq, D)
         start = 0
         for s, e in zip(slots, ext):
-            pk, pv = kept[(s, layer.layer_id)]  # [H, k, D]
-            keys = torch.cat([pk, k[start : start + e].view(e, H, D).transpose(0, 1)], 1)
-            vals = torch.cat([pv, v[start : start + e].view(e, H, D).transpose(0, 1)], 1)
-            n = keys.shape[1]
-            mask = torch.arange(n)[None, :] <= torch.arange(n - e, n)[:, None]
-            want = torch.nn.functional.scaled_dot_product_attention(
-                q[start : start + e].view(e, w.hq, D).transpose(0, 1),
-                keys,
-                vals,
-                attn_mask=mask,
-                scale=D**-0.5,
-                enable_gqa=True,
-            )
-            assert torch.allclose(got[start : start + e], want.transpose(0, 1), atol=1e-5)
+            prefix_rows = kept[(s, layer.layer_id)]
+            for h in range(H):  # each KV head over its own kept rows, with its query group
+                rows = prefix_rows.rows[h, : prefix_rows.lens[h]]
+                keys = torch.cat([w.pool.k_rows[rows], k[start : start + e].view(e, H, D)[:, h]])
+                vals = torch.cat([w.pool.v_rows[rows], v[start : start + e].view(e, H, D)[:, h]])
+                n = keys.shape[0]
+                mask = torch.arange(n)[None, :] <= torch.arange(n - e, n)[:, None]
+                heads = slice(h * 3, (h + 1) * 3)
+                want = torch.nn.functional.scaled_dot_product_attention(
+                    q[start : start + e].view(e, w.hq, D)[:, heads].transpose(0, 1),
+                    keys.expand(3, -1, -1),
+                    vals.expand(3, -1, -1),
+                    attn_mask=mask,
+                    scale=D**-0.5,
+                )
+                assert torch.allclose(got[start : start + e, heads], want.transpose(0, 1), atol=1e-5)
             start += e
 
 

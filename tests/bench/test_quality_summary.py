@@ -47,7 +47,7 @@ def test_markdown_tables_carry_counts_intervals_and_percent_of_full():
     assert "| dynamickv | 50 [" in md and "(67% of full) |" in md
     assert "**spread** (2 prompts per cell; full KV 50 [9, 91])" in md  # Wilson 1 of 2
     assert "| snapkv | 0 [0, 66] |" in md  # spread: Wilson 0 of 2
-    assert "DynamicKV vs SnapKV" in md
+    assert "dynamickv vs snapkv on the same prompts" in md
 
 
 def test_targets_report_what_held():
@@ -121,3 +121,21 @@ def test_quick_preset_and_requests():
     assert reqs[16 * 5] == ("c16", "full", None) and len(reqs) == 20 * 5
     assert quality.custom_params("full", None) == {"kv_policy": "full"}
     assert quality.custom_params("snapkv", 64) == {"kv_policy": "snapkv", "kv_budget": 64}
+    assert quality.custom_params("dynamickv:floor", 32) == {"kv_policy": "dynamickv", "kv_allocation": "floor",
+                                                            "kv_budget": 32}
+
+
+def test_allocations_are_paired_with_snapkv_and_with_the_reference():
+    labels = ["dynamickv:reference", "dynamickv:floor", "snapkv", "pyramidkv"]
+    assert summary.pairs(labels) == [("dynamickv:reference", "snapkv"), ("dynamickv:floor", "snapkv"),
+                                     ("dynamickv:floor", "dynamickv:reference")]
+    assert summary.pairs(["dynamickv", "pyramidkv"]) == []
+    assert summary.pairs(["dynamickv", "dynamickv+adaptive", "snapkv+adaptive"]) == [
+        ("dynamickv+adaptive", "dynamickv")]
+    assert quality.custom_params("snapkv+adaptive", 64) == {"kv_policy": "snapkv", "kv_head_budgets": "adaptive",
+                                                            "kv_budget": 64}
+    res = [r("niah", p, 64, ok, case=f"c{i}") for i in range(6)
+           for p, ok in (("dynamickv:reference", i < 1), ("dynamickv:floor", i < 5), ("snapkv", i < 3))]
+    md = summary.markdown(res, ["full", *labels[:3]], [64])
+    assert "dynamickv:floor vs dynamickv:reference on the same prompts" in md
+    assert "+67 (4:0, p=0.12)" in md and "-33 (0:2, p=0.50)" in md

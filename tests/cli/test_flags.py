@@ -45,6 +45,8 @@ def test_engine_options_and_defaults():
         (["--kv-kernel", "4"], "--kv-kernel"),
         (["--kv-window", "x"], "--kv-window"),
         (["--kv-pooling", "sum"], "--kv-pooling"),
+        (["--kv-allocation", "greedy"], "--kv-allocation"),
+        (["--kv-head-budgets", "ada"], "--kv-head-budgets"),
     ],
 )
 def test_launcher_rejects_bad_values_before_loading(args, flag):

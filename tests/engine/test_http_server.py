@@ -88,6 +88,8 @@ def test_bad_request_is_a_400(server):
         ({"kv_budget": "64"}, "custom_params.kv_budget"),
         ({"kv_policy": "h2o"}, "custom_params.kv_policy"),
         ({"kv_windw": 4}, "custom_params.kv_windw"),
+        ({"kv_allocation": "greedy"}, "custom_params.kv_allocation"),
+        ({"kv_head_budgets": "ada"}, "custom_params.kv_head_budgets"),
     ],
 )
 def test_bad_kv_custom_params_are_a_400_with_the_reason(server, custom, reason):

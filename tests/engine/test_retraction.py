@@ -20,10 +20,10 @@ PROMPT_LEN = 300
 SAMPLING = {"max_new_tokens": 400, "temperature": 0}
 
 
-def _run(model, prompts, max_total_tokens):
+def _run(model, prompts, max_total_tokens, head_budgets):
     import dkv_sglang
 
-    args = {**ENGINE_ARGS, "max_total_tokens": max_total_tokens}
+    args = {**ENGINE_ARGS, "max_total_tokens": max_total_tokens, "kv_head_budgets": head_budgets}
     # SGLang admits assuming each running request will need this share of its remaining
     # tokens; a low guess over-admits, so decode runs out of rows and must retract.
     os.environ["SGLANG_INIT_NEW_TOKEN_RATIO"] = "0.05"
@@ -38,14 +38,15 @@ def _run(model, prompts, max_total_tokens):
         engine.shutdown()
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_model):
+@pytest.fixture(scope="module", params=["uniform", "adaptive"])
+def runs(request, tiny_model):
     rng = random.Random(1)
     prompts = [[rng.randrange(100, 40000) for _ in range(PROMPT_LEN)] for _ in range(PROMPTS)]
     # Every request ends holding BUDGET + 400 tokens' rows: 6 of them need ~2600 tokens, more
     # than the small pool, which admits them all once compressed and must retract later.
-    small = _run(tiny_model, prompts, max_total_tokens=1100)
-    roomy = _run(tiny_model, prompts, max_total_tokens=16384)
+    # With adaptive head budgets each (layer, head) keeps its own count, and a replay must too.
+    small = _run(tiny_model, prompts, max_total_tokens=1100, head_budgets=request.param)
+    roomy = _run(tiny_model, prompts, max_total_tokens=16384, head_budgets=request.param)
     return small, roomy
 
 
@@ -65,9 +66,9 @@ def test_replays_keep_the_first_selection_and_nothing_leaks(runs):
     (_, rids, stats), (_, rids_roomy, stats_roomy) = runs
     first = {}
     for r in stats["recent"]:
-        first.setdefault(r["rid"], r["kept_per_layer"])
-        assert r["kept_per_layer"] == first[r["rid"]]
+        first.setdefault(r["rid"], r["kept_per_head"])
+        assert r["kept_per_head"] == first[r["rid"]]
         assert sum(r["kept_per_layer"]) == BUDGET * TINY_LAYERS
-    roomy = {r["rid"]: r["kept_per_layer"] for r in stats_roomy["recent"]}
+    roomy = {r["rid"]: r["kept_per_head"] for r in stats_roomy["recent"]}
     assert [first[r] for r in rids] == [roomy[r] for r in rids_roomy]
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]

@@ -18,6 +18,7 @@ import requests
 import torch
 
 from bench.server import Server
+from dkv_sglang.cli import FLAGS
 
 from .conftest import SAMPLING, TINY_LAYERS
 
@@ -128,6 +129,5 @@ def test_help_lists_our_flags_in_their_own_group():
     out = _run([*SGLANG_LAUNCH, "--help"])
     assert out.returncode == 0
     group = out.stdout[out.stdout.index("dkv-sglang KV-cache compression:"):]
-    for flag in ("--kv-policy", "--kv-budget", "--kv-window", "--kv-kernel", "--kv-pooling", "--kv-rmax",
-                 "--kv-update-interval", "--page-size"):
+    for flag in (*FLAGS, "--page-size"):
         assert flag in group

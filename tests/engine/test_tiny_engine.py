@@ -92,6 +92,34 @@ def test_baselines_serve_with_exact_accounting_and_batching(baseline_small, full
     assert run["alone"] != full["alone"]
 
 
+@pytest.fixture(scope="module", params=["dynamickv", "snapkv"])
+def adaptive_small(request, tiny_model, prompts):
+    return request.param, run_engine(tiny_model, prompts, kv_policy=request.param, kv_budget=SMALL,
+                                     kv_head_budgets="adaptive")
+
+
+def test_adaptive_head_budgets_hold_unequal_heads_in_memory(adaptive_small, full):
+    """Ada-KV's head budgets: each (layer, KV head) keeps its own number of rows, the rest is
+    freed, the request's total is unchanged, and batching does not change what anyone keeps."""
+    policy, run = adaptive_small
+    stats = run["stats"]
+    L, H = TINY_LAYERS, stats["kv_heads"]
+    assert stats["config"]["head_budgets"] == "adaptive" and H > 1
+    for r in stats["recent"]:
+        per_head = r["kept_per_head"]
+        assert len(per_head) == L and all(len(layer) == H for layer in per_head)
+        assert [sum(layer) for layer in per_head] == [H * k for k in r["kept_per_layer"]]
+        assert sum(r["kept_per_layer"]) == SMALL * L
+        assert r["rows_freed"] == r["prompt_tokens"] * L - SMALL * L  # counted from the row table
+    assert any(len(set(layer)) > 1 for r in stats["recent"] for layer in r["kept_per_head"]), "heads differ"
+    assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
+    assert run["batched"] == run["alone"]
+    batched = {r["prompt_tokens"]: r["kept_per_head"] for r in run["stats_batched"]["recent"]}
+    alone = {r["prompt_tokens"]: r["kept_per_head"] for r in stats["recent"][len(batched):]}
+    assert batched == alone
+    assert run["alone"] != full["alone"]
+
+
 # One batch, four requests, each with its own policy through custom_params.
 OVERRIDES = [{"kv_policy": "full"}, {}, {"kv_policy": "snapkv", "kv_budget": 48}, {"kv_budget": 16}]
 

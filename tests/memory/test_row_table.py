@@ -31,7 +31,7 @@ def test_drop_frees_exactly_the_dropped_rows_and_they_serve_other_tokens():
     assert t.drop(vids, keep) == 6 * 3 * 2
     assert t.drop(vids, keep) == 0, "rows already dropped are not freed twice"
     assert t.free_tokens() == 6
-    assert t.held_per_layer(vids) == [4, 4, 4]
+    assert t.held_per_head(vids).tolist() == [[4, 4]] * 3
     more = t.alloc(6)  # the dropped rows now hold other tokens, in every layer
     assert more is not None and t.free_tokens() == 0
     t.free(vids)
@@ -46,7 +46,15 @@ def test_kept_rows_per_head_in_token_order():
     before = t.row_of[0][:, vids].clone()
     t.drop(vids, keep)
     rows = t.kept_rows(0, vids)
-    assert rows.tolist() == [before[0, [0, 2, 4]].tolist(), before[1, [1, 2, 3]].tolist()]
+    assert rows.rows.tolist() == [before[0, [0, 2, 4]].tolist(), before[1, [1, 2, 3]].tolist()]
+    assert rows.uniform and rows.lens.tolist() == [3, 3]
+    # heads keeping unequal numbers: each head's rows first, padded with row 0
+    t.drop(vids, torch.tensor([[[1, 0, 0, 0, 1], [0, 1, 1, 1, 0]]], dtype=torch.bool))
+    rows = t.kept_rows(0, vids)
+    assert rows.rows.tolist() == [before[0, [0, 4]].tolist() + [0], before[1, [1, 2, 3]].tolist()]
+    assert rows.lens.tolist() == [2, 3] and not rows.uniform
+    assert rows.mask().tolist() == [[True, True, False], [True, True, True]]
+    assert t.held_per_head(vids).tolist() == [[2, 3]]
 
 
 def test_write_rows_are_token_major():
@@ -117,7 +125,7 @@ def test_tokens_kept_nowhere_give_their_ids_back_and_read_as_the_hole():
     left = t.release_unheld(vids)
     assert len(t.ids) == 4 + 5, "ids of the tokens no (layer, head) keeps are free again"
     assert left.tolist() == [t.hole, vids[1], t.hole, t.hole, t.hole, vids[5], t.hole, vids[7]]
-    assert (t.row_of[:, :, t.hole] == -1).all() and t.kept_rows(0, left).shape == (2, 2)
+    assert (t.row_of[:, :, t.hole] == -1).all() and t.kept_rows(0, left).rows.shape == (2, 2)
     again = t.alloc(9 - 8 + 4)  # the freed ids serve new tokens (rows permitting)
     assert again is not None and t.hole not in again.tolist()
     t.free(left)  # the hole, listed five times, is skipped

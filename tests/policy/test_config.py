@@ -13,6 +13,8 @@ from dkv_sglang.policy import PolicyConfig, PolicyConfigError
         ({"pooling": "median"}, "--kv-pooling"),
         ({"rmax": 0}, "--kv-rmax"),
         ({"update_interval": "4"}, "--kv-update-interval"),
+        ({"allocation": "greedy"}, "--kv-allocation"),
+        ({"head_budgets": "ada"}, "--kv-head-budgets"),
     ],
 )
 def test_bad_values_name_their_flag(kwargs, flag):

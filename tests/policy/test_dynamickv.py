@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkv_sglang.policy import PolicyConfig, select
+from dkv_sglang.policy.config import ALLOCATIONS
 from dkv_sglang.policy.dynamickv import fill_surplus, update_budgets, update_points
 
 
@@ -41,6 +42,39 @@ def test_remainder_goes_to_last_seen_layer():
     # uniform 5 // 3 = 1 each and the remainder 2 to the last seen layer
     s2 = torch.tensor([[[5.0, 4.0]], [[4.5, 3.5]], [[0.0, 0.0]]])
     assert update_budgets(s2, [2, 2, 2], base=1, num_layers=5, cap=10) == [1, 1, 3]
+
+
+def test_allocations_by_hand():
+    # 3 layers seen of 3, 1 head, base 4 (total 12), k = 12 of 15 held rows.
+    s = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0]], [[4.9, 4.8, 4.7, 4.6, 4.5]], [[0.3, 0.2, 0.1, 0.0, 0.0]]])
+    # winners 5 | 5 | 2 (0.3, 0.2): reference c = counts // 3 = [1, 1, 0] -> [6, 6, 0]
+    assert update_budgets(s, [5] * 3, base=4, num_layers=3, cap=10) == [6, 6, 0]
+    # proportional: c = [5, 5, 2] -> 12*5//12, 12*5//12, 12*2//12 = [5, 5, 2]
+    assert update_budgets(s, [5] * 3, base=4, num_layers=3, cap=10, allocation="proportional") == [5, 5, 2]
+    # floor: base // 5 = 0 at base 4 -> as proportional; at base 10 floor 2 each, the other
+    # 30 - 6 = 24 proportional to the winners of k = 30 (all 15 held rows): [5, 5, 5] -> [10, 10, 10]
+    assert update_budgets(s, [5] * 3, base=4, num_layers=3, cap=10, allocation="floor") == [5, 5, 2]
+    assert update_budgets(s, [5] * 3, base=10, num_layers=3, cap=9, allocation="floor") == [9, 9, 9]
+    skew = torch.tensor([[[9.0, 8.0, 7.0, 6.0, 5.0]], [[0.3, 0.2, 0.1, 0.0, 0.0]]])
+    # base 10, 2 layers: k = 20 > 10 held rows, everything wins: counts [5, 5]
+    # floor 2 each, 16 shared [8, 8] -> [10, 10]; capped at 9
+    assert update_budgets(skew, [5, 5], base=10, num_layers=2, cap=9, allocation="floor") == [9, 9]
+    # base 5: k = 10 winners, all rows again (5 | 5 incl. the zeros) -> floor 1, [4, 4] + 1
+    assert update_budgets(skew, [5, 5], base=5, num_layers=2, cap=9, allocation="floor") == [5, 5]
+    # base 2, 2 layers: k = 4 -> winners 4 | 0; floor 0 -> proportional [4, 0]
+    assert update_budgets(skew, [5, 5], base=2, num_layers=2, cap=9, allocation="floor") == [4, 0]
+
+
+def test_normalized_allocation_compares_layers_by_their_own_shares():
+    # Layer 0's mass is 10x layer 1's, in the same shape: raw scores give every winner to layer 0,
+    # shares split them evenly.
+    cfg = PolicyConfig(policy="dynamickv", budget=3, window=1, kernel=1, rmax=3, update_interval=1,
+                       allocation="proportional", fill_surplus=False)
+    l1 = torch.tensor([[0.4, 0.3, 0.2, 0.1, 0.0, 0.0]])
+    scores = [10 * l1, l1]
+    assert select(scores, 7, cfg).kept_per_layer == [5, 1]
+    norm = PolicyConfig(**{**cfg.__dict__, "allocation": "normalized"})
+    assert select(scores, 7, norm).kept_per_layer == [3, 3]
 
 
 def test_fill_surplus_goes_to_layers_with_room_most_budgeted_first():
@@ -84,6 +118,7 @@ def cases(draw):
         pooling=draw(st.sampled_from(["avg", "max"])),
         rmax=draw(st.integers(1, 10)),
         update_interval=draw(st.integers(1, 5)),
+        allocation=draw(st.sampled_from(ALLOCATIONS)),
     )
     seed = draw(st.integers(0, 2**31 - 1))
     g = torch.Generator().manual_seed(seed)

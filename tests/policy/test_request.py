@@ -16,6 +16,8 @@ def test_override_changes_policy_and_budget_only():
     cfg = for_request(SERVER, {"kv_policy": "snapkv", "kv_budget": 32})
     assert (cfg.policy, cfg.budget, cfg.window, cfg.rmax) == ("snapkv", 32, 8, SERVER.rmax)
     assert for_request(SERVER, {"kv_policy": "full"}).compresses is False
+    assert for_request(SERVER, {"kv_allocation": "floor"}).allocation == "floor"
+    assert for_request(SERVER, {"kv_head_budgets": "adaptive"}).head_budgets == "adaptive"
 
 
 @pytest.mark.parametrize(
@@ -29,6 +31,9 @@ def test_override_changes_policy_and_budget_only():
         ({"kv_budget": "64"}, "custom_params.kv_budget"),
         ({"kv_budget": True}, "custom_params.kv_budget"),
         ({"kv_window": 4}, "custom_params.kv_window"),
+        ({"kv_allocation": "greedy"}, "custom_params.kv_allocation"),
+        ({"kv_allocation": 1}, "custom_params.kv_allocation"),
+        ({"kv_head_budgets": "per-head"}, "custom_params.kv_head_budgets"),
         ([1, 2], "custom_params"),
     ],
 )

@@ -16,6 +16,11 @@ CASES = [
     PolicyConfig(policy="dynamickv", budget=24, window=8, pooling="avg", rmax=3),
     PolicyConfig(policy="dynamickv", budget=40, window=8, pooling="max", rmax=10, update_interval=3),
     PolicyConfig(policy="dynamickv", budget=16, window=8, fill_surplus=False, update_interval=2),
+    PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, allocation="normalized"),
+    PolicyConfig(policy="dynamickv", budget=40, window=8, rmax=3, allocation="floor"),
+    PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, head_budgets="adaptive"),
+    PolicyConfig(policy="snapkv", budget=24, window=8, head_budgets="adaptive"),
+    PolicyConfig(policy="pyramidkv", budget=40, window=8, head_budgets="adaptive"),
 ]
 
 
@@ -38,7 +43,7 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
         for seed, cfg in enumerate(CASES):
             mine = [s[rank * share : (rank + 1) * share] for s in layer_scores(seed)]
             sel = select(mine, N, cfg, reducer)
-            results.append([k.tolist() for k in sel.kept])
+            results.append((sel.keep_mask(), sel.kept_per_layer, sel.kept_per_head))
         torch.save(results, out)
     finally:
         dist.destroy_process_group()
@@ -67,15 +72,18 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_ranks_decide_the_single_process_budgets(two_ranks, case):
-    single = select(layer_scores(case), N, CASES[case])
-    rank0, rank1 = two_ranks[0][case], two_ranks[1][case]
-    budgets = [len(layer[0]) for layer in rank0]
-    assert budgets == [len(layer[0]) for layer in rank1], "ranks agree"
-    assert budgets == single.kept_per_layer, "and agree with one process on all heads"
-    assert len(set(budgets)) > 1, "budgets differ by layer: the agreement means something"
+    cfg = CASES[case]
+    single = select(layer_scores(case), N, cfg)
+    (mask0, per_layer0, per_head0), (mask1, per_layer1, per_head1) = two_ranks[0][case], two_ranks[1][case]
+    assert per_layer0 == per_layer1 and per_head0 == per_head1, "ranks agree"
+    assert per_layer0 == single.kept_per_layer, "and agree with one process on all heads"
+    assert per_head0 == single.kept_per_head
+    if cfg.policy != "snapkv":
+        assert len(set(per_layer0)) > 1, "budgets differ by layer: the agreement means something"
+    if cfg.head_budgets == "adaptive":
+        assert any(len(set(layer)) > 1 for layer in per_head0), "heads differ: the agreement means something"
     # each rank keeps exactly the rows the single process keeps for its heads
-    for layer in range(LAYERS):
-        assert rank0[layer] + rank1[layer] == single.kept[layer].tolist()
+    assert torch.equal(torch.cat([mask0, mask1], dim=1), single.keep_mask())
 
 
 def test_a_rank_alone_would_decide_differently():

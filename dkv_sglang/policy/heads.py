@@ -1,0 +1,67 @@
+"""Per-head budgets inside one layer: Ada-KV's allocation (pure torch, no SGLang).
+
+With ``--kv-head-budgets uniform`` every KV head of a layer keeps the layer's count of prefix
+rows. With ``adaptive`` the heads of a layer share ``H x count`` rows: every head first keeps
+its best ``floor(ALPHA x count)`` rows (Ada-KV's safeguard, so no head is left blind), and the
+rest go to one top-k over all heads' remaining scores, so a head whose attention is spread keeps
+more rows than a head that looks at a few tokens. The layer's total, and so the request's, is
+unchanged: the budgets still sum to ``budget x L x H``.
+
+Scores of different heads are comparable: each is the attention mass of the same window queries
+(a softmax per query head, averaged over the query group).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reduce import LOCAL
+
+ALPHA = 0.2  # Ada-KV's default safeguard share
+
+
+def adaptive_counts(ranked: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:
+    """Rows each head of one layer keeps when its heads share ``H x per_head``.
+
+    Args:
+        ranked:   [H, m] each head's candidate scores, sorted descending (m >= per_head).
+        per_head: the uniform count.
+        reducer:  the tensor-parallel group: ``H`` is this rank's share of the heads, and the
+                  top-k runs over all ranks' heads.
+
+    Returns:
+        [H] int64 counts, each in [floor(ALPHA*per_head), m], summing over all ranks' heads to
+        ``per_head x`` all heads. Rows tying the k-th score go to earlier heads (rank order).
+    """
+    heads, m = ranked.shape
+    if per_head > m:
+        raise ValueError(f"{per_head} rows per head asked of {m} candidates")
+    floor = int(ALPHA * per_head)
+    rest = ranked[:, floor:]
+    k = (per_head - floor) * heads * reducer.world
+    counts = torch.full((heads,), floor, dtype=torch.int64)
+    if k == 0:
+        return counts
+    best = reducer.gather(rest.reshape(-1).topk(min(k, rest.numel())).values)
+    kth = best.topk(k).values[-1]
+    above = (rest > kth).sum(dim=1)
+    ties = (rest == kth).sum(dim=1)
+    left = k - int(reducer.sum(above.sum().reshape(1)))
+    all_ties = reducer.gather(ties)  # every head's ties, rank by rank
+    before = torch.cumsum(all_ties, 0) - all_ties
+    take = (left - before).clamp(min=0).minimum(all_ties)
+    mine = take[reducer.rank * heads : (reducer.rank + 1) * heads]
+    return counts + above + mine
+
+
+def ragged_kept(order: torch.Tensor, counts: torch.Tensor, n: int, window: int) -> torch.Tensor:
+    """[H, w] what one layer keeps when head h keeps the first ``counts[h]`` prefix positions of
+    ``order[h]``, plus the window; ascending, and a head keeping fewer rows than the widest
+    repeats ``n - 1`` (its last window position) at the end, so scattering the positions into a
+    mask gives exactly each head's rows."""
+    heads = order.shape[0]
+    width = int(counts.max()) if heads else 0
+    pos = order[:, :width].clone()
+    pos[torch.arange(width)[None, :] >= counts[:, None]] = n - 1
+    win = torch.arange(n - window, n).expand(heads, window)
+    return torch.cat([pos, win], dim=1).sort(dim=1).values

@@ -1,0 +1,73 @@
+"""Adaptive per-head budgets (Ada-KV's allocation inside a layer)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dkv_sglang.policy import PolicyConfig, select
+from dkv_sglang.policy.heads import ALPHA, adaptive_counts, ragged_kept
+
+
+def test_adaptive_counts_by_hand():
+    # 2 heads, 10 rows per head: floor 2 each, the other 16 by one top-k over the rest.
+    peaked = torch.tensor([9.0, 8.0] + [0.0] * 18)
+    spread = torch.linspace(1.0, 0.05, 20)
+    ranked = torch.stack([peaked, spread])
+    counts = adaptive_counts(ranked, 10)
+    # the peaked head's rest is all zeros; the spread head's 18 remaining scores are all > 0,
+    # so 16 of them win: [2, 2 + 16]
+    assert counts.tolist() == [2, 18]
+    assert int(counts.sum()) == 20
+    # rows tying the k-th score go to the earlier head (as DynamicKV's ties go to the earlier layer)
+    flat = torch.ones(2, 5)
+    assert adaptive_counts(flat, 3).tolist() == [5, 1]
+    # k = 4 of 2,1,1 | 2,1,1: both 2s win, then 2 of the four tied 1s, head 0's first
+    assert adaptive_counts(torch.tensor([[2.0, 1.0, 1.0], [2.0, 1.0, 1.0]]), 2).tolist() == [3, 1]
+    # k = 10 of 5 + 5 rows at 10 per head (floor 2): every row wins
+    assert adaptive_counts(torch.tensor([[3.0, 2.0, 1.0, 1.0, 0.0]] * 2), 5).tolist() == [5, 5]
+    with pytest.raises(ValueError):
+        adaptive_counts(flat, 6)
+
+
+def test_ragged_kept_pads_with_the_last_position():
+    order = torch.tensor([[4, 0, 2, 1], [3, 1, 0, 2]])
+    kept = ragged_kept(order, torch.tensor([3, 1]), n=8, window=2)
+    assert kept.tolist() == [[0, 2, 4, 6, 7], [3, 6, 7, 7, 7]]
+    mask = torch.zeros(2, 8, dtype=torch.bool).scatter_(1, kept, True)
+    assert mask.sum(dim=1).tolist() == [5, 3]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 30), st.integers(0, 40), st.integers(0, 2**31 - 1))
+def test_adaptive_counts_properties(heads, per_head, extra, seed):
+    g = torch.Generator().manual_seed(seed)
+    ranked = torch.rand(heads, per_head + extra, generator=g).round(decimals=1).sort(dim=1, descending=True).values
+    counts = adaptive_counts(ranked, per_head)
+    assert int(counts.sum()) == heads * per_head
+    assert int(counts.min()) >= int(ALPHA * per_head) and int(counts.max()) <= per_head + extra
+
+
+@pytest.mark.parametrize("policy", ["dynamickv", "snapkv", "pyramidkv"])
+def test_adaptive_heads_keep_the_same_total_in_unequal_heads(policy):
+    g = torch.Generator().manual_seed(3)
+    # head 0 attends to a few tokens, head 2 spreads its attention
+    scores = [torch.rand(3, 190, generator=g).pow(torch.tensor([[12.0], [3.0], [0.5]])) for _ in range(6)]
+    cfg = PolicyConfig(policy=policy, budget=40, head_budgets="adaptive")
+    sel = select(scores, 198, cfg)
+    uniform = select(scores, 198, PolicyConfig(policy=policy, budget=40))
+    assert sel.kept_per_layer == uniform.kept_per_layer, "each layer's budget is unchanged"
+    mask = sel.keep_mask()
+    assert mask.sum(dim=2).tolist() == sel.counts.tolist() == sel.kept_per_head
+    assert int(mask.sum()) == 40 * 6 * 3
+    assert mask[:, :, -cfg.window:].all(), "every head keeps the window"
+    per_head = sel.counts.sum(dim=0).tolist()
+    assert per_head[2] > per_head[1] >= per_head[0], "the spread head gets the most rows"
+    assert min(min(layer) for layer in sel.kept_per_head) < 40 < max(max(layer) for layer in sel.kept_per_head)
+
+
+def test_streamingllm_ignores_head_budgets():
+    scores = [torch.rand(2, 90)] * 3
+    a = select(scores, 98, PolicyConfig(policy="streamingllm", budget=24, head_budgets="adaptive"))
+    b = select(scores, 98, PolicyConfig(policy="streamingllm", budget=24))
+    assert torch.equal(a.keep_mask(), b.keep_mask())
