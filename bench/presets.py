@@ -1,6 +1,31 @@
-"""The benchmarks' presets: `--quick` / `--standard` / the full sweep, as argparse defaults."""
+"""What the quality benchmarks share: presets (`--quick` / `--standard` / the full sweep, as
+argparse defaults) and the policy labels each request turns into ``custom_params``."""
 
 from __future__ import annotations
+
+from dkv_sglang.policy.config import ALLOCATIONS
+
+POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
+# A label is a policy, optionally ":allocation" (DynamicKV's --kv-allocation; plain "dynamickv"
+# is the server's default) and "+adaptive" (--kv-head-budgets adaptive): "dynamickv:floor+adaptive".
+VARIANTS = (*(f"dynamickv:{a}" for a in ALLOCATIONS),
+            *(f"{p}+adaptive" for p in ("dynamickv", "snapkv", "pyramidkv")),
+            *(f"dynamickv:{a}+adaptive" for a in ALLOCATIONS))
+LABELS = POLICIES + VARIANTS
+
+
+def custom_params(label: str, budget: int | None) -> dict:
+    """A request's ``custom_params`` for a policy label and budget (None: no budget, full KV)."""
+    name, _, heads = label.partition("+")
+    policy, _, allocation = name.partition(":")
+    out = {"kv_policy": policy}
+    if allocation:
+        out["kv_allocation"] = allocation
+    if heads:
+        out["kv_head_budgets"] = heads
+    if budget is not None:
+        out["kv_budget"] = budget
+    return out
 
 
 def apply_preset(args, presets: dict[str, dict]) -> str:

@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 from . import plots, summary, tasks
-from .presets import apply_preset
+from .presets import LABELS, POLICIES, apply_preset, custom_params
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
-POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
 BUDGETS = (32, 64, 128, 256)
 # What each model can do with full KV decides its tasks: SmolLM2 fails multi-key (DESIGN 2) and
 # spread (measured at full KV, 1k tokens: 0 of 3 in this form, 0 of 6 in two others).
@@ -59,7 +58,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--depths", nargs="+", type=float, help="niah needle depths, 0..1")
     p.add_argument("--seeds", type=int, help="cases per (task, length[, depth])")
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
-    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--policies", nargs="+", choices=LABELS, default=list(POLICIES), metavar="POLICY",
+                   help=f"policies to compare with full KV, from {', '.join(LABELS)} (dynamickv:X = "
+                        "DynamicKV with --kv-allocation X; default: the four policies)")
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
     args = p.parse_args(argv)
@@ -77,10 +78,6 @@ def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.
     configs = [(summary.FULL, None)] + [(p, b) for b in budgets for p in policies]
     blocks = [cases[i:i + block] for i in range(0, len(cases), block)]
     return [(c, p, b) for part in blocks for p, b in configs for c in part]
-
-
-def custom_params(policy: str, budget: int | None) -> dict:
-    return {"kv_policy": policy} if budget is None else {"kv_policy": policy, "kv_budget": budget}
 
 
 def run(engine, requests, save=lambda results: None) -> list[dict]:
@@ -188,7 +185,7 @@ def write(args, results, wall_s: float) -> list[Path]:
     paths = write_tables(args, results, wall_s)
     for policy in [summary.FULL, *args.policies]:
         paths.append(plots.niah_heatmap(results, policy, [None] if policy == summary.FULL else budgets[1:],
-                                        Path(f"{stem}-niah-{policy}.png")))
+                                        Path(f"{stem}-niah-{policy.replace(':', '-')}.png")))
     paths.append(plots.layer_budgets(results, args.budgets, Path(f"{stem}-layers.png")))
     return [p for p in paths if p]
 

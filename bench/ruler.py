@@ -39,13 +39,12 @@ import time
 from pathlib import Path
 
 from . import summary
-from .presets import apply_preset
+from .presets import LABELS, POLICIES, apply_preset, custom_params
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 TASK_DIR = Path(__file__).resolve().parent / "ruler_tasks"
 NLTK_DIR = RESULTS / "nltk_data"
-POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
 BUDGETS = (32, 64, 128, 256)
 NO_DOWNLOAD = ("niah_single_1", "niah_multikey_2", "niah_multikey_3", "ruler_vt", "ruler_cwe", "ruler_fwe")
 # lm-eval's generate_samples arguments of each essay task (lm_eval/tasks/ruler/niah_utils.py).
@@ -77,7 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, help="prompts per task (the first N lm-eval builds)")
     p.add_argument("--lengths", nargs="+", type=int, help="RULER sequence lengths in tokens")
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
-    p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
+    p.add_argument("--policies", nargs="+", choices=LABELS, default=list(POLICIES), metavar="POLICY",
+                   help=f"from {', '.join(LABELS)} (dynamickv:X = DynamicKV with --kv-allocation X)")
     p.add_argument("--max-gen-toks", type=int, help="cap RULER's reply lengths (default: each task's own)")
     p.add_argument("--max-total-tokens", type=int, default=72000, help="KV pool size in tokens (~23 KB each "
                    "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
@@ -95,8 +95,7 @@ def configs(policies, budgets) -> list[tuple[str, int | None]]:
 
 def gen_kwargs(policy: str, budget: int | None, max_gen_toks: int | None = None) -> dict:
     """What each request of one pass adds to its body: the per-request policy, greedy."""
-    params = {"kv_policy": policy} if budget is None else {"kv_policy": policy, "kv_budget": budget}
-    out = {"custom_params": params, "temperature": 0.0, "do_sample": False}
+    out = {"custom_params": custom_params(policy, budget), "temperature": 0.0, "do_sample": False}
     if max_gen_toks:
         out["max_gen_toks"] = max_gen_toks
     return out

@@ -133,24 +133,35 @@ def markdown(results, policies, budgets) -> str:
         for p in compressing:
             cells = [cell(task_scores(results, policy=p, budget=b).get(task, [])) for b in budgets]
             lines.append(f"| {p} | " + " | ".join(cells) + " |")
-    if {"dynamickv", "snapkv"} <= set(compressing):
-        lines += ["", paired_markdown(results, list(full_tasks), budgets)]
+    for first, second in pairs(compressing):
+        lines += ["", paired_markdown(results, list(full_tasks), budgets, first, second)]
     return "\n".join(lines) + "\n"
 
 
-def paired_markdown(results, task_names, budgets) -> str:
-    """DynamicKV minus SnapKV per task and budget: difference in points, prompts won:lost, p."""
-    lines = ["DynamicKV vs SnapKV on the same prompts (difference in points; prompts where DynamicKV "
+def pairs(labels) -> list[tuple[str, str]]:
+    """The paired comparisons a table shows, when both sides ran: every DynamicKV label against
+    SnapKV, every other allocation against the paper's (``dynamickv:reference``), and every
+    ``X+adaptive`` (per-head budgets) against ``X``."""
+    dkv = [p for p in labels if p.split(":")[0].split("+")[0] == "dynamickv"]
+    out = [(p, "snapkv") for p in dkv if "snapkv" in labels]
+    ref = "dynamickv:reference"
+    out += [(p, ref) for p in dkv if ref in labels and p != ref and "+" not in p]
+    return out + [(p, p.split("+")[0]) for p in labels if "+" in p and p.split("+")[0] in labels]
+
+
+def paired_markdown(results, task_names, budgets, first: str = "dynamickv", second: str = "snapkv") -> str:
+    """``first`` minus ``second`` per task and budget: difference in points, prompts won:lost, p."""
+    lines = [f"{first} vs {second} on the same prompts (difference in points; prompts where {first} "
              "scored higher : lower; exact two-sided p):", "",
              "| task | " + " | ".join(str(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
     for task in [*task_names, None]:
         cells = []
         for b in budgets:
-            t = paired(results, "dynamickv", "snapkv", b, task)
+            t = paired(results, first, second, b, task)
             if not t.n:
                 cells.append("n/a")
                 continue
-            d, s = by_prompt(results, "dynamickv", b, task), by_prompt(results, "snapkv", b, task)
+            d, s = by_prompt(results, first, b, task), by_prompt(results, second, b, task)
             diff = 100 * (mean(d.values()) - mean(s.values()))
             cells.append(f"{diff:+.0f} ({t.first_only}:{t.second_only}, p={stats.fmt_p(t.p_value)})")
         lines.append(f"| {task or 'all tasks (pooled prompts)'} | " + " | ".join(cells) + " |")
