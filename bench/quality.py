@@ -94,7 +94,7 @@ def run(engine, requests, save=lambda results: None) -> list[dict]:
         for start in range(0, len(requests), CHUNK):
             chunk = requests[start:start + CHUNK]
             replies = engine.loop.run_until_complete(_send(engine, chunk, bar))
-            recent = {r["rid"]: r["kept_per_layer"] for r in engine.dkv_stats()["recent"]}
+            recent = {r["rid"]: r for r in engine.dkv_stats()["recent"]}
             out += [_result(req, reply, recent) for req, reply in zip(chunk, replies)]
             save(score_continuations(out))
     return score_continuations(out)
@@ -145,14 +145,15 @@ def rid(case, policy, budget) -> str:
 def _result(request, reply, recent) -> dict:
     case, policy, budget = request
     meta = reply["meta_info"]
-    kept = meta.get("kv_kept_per_layer") or recent.get(meta["id"])
+    entry = recent.get(meta["id"], {})
+    kept = meta.get("kv_kept_per_layer") or entry.get("kept_per_layer")
     text = reply["text"]
     score = tasks.graded(case, text)
     out = {"case": case.name, "task": case.task, "length": case.length, "depth": case.depth,
            "seed": case.seed, "policy": policy, "budget": budget, "prompt_tokens": meta["prompt_tokens"],
            "cached_tokens": meta.get("cached_tokens"), "reply": text, "answers": list(case.answers),
            "score": score, "correct": score == 1.0, "answer_first": tasks.answer_first(case, text),
-           "kept_per_layer": kept}
+           "kept_per_layer": kept, "kept_per_head": entry.get("kept_per_head")}
     if case.task == "continuation":
         out["output_ids"] = list(reply.get("output_ids") or [])
     return out
@@ -187,6 +188,8 @@ def write(args, results, wall_s: float) -> list[Path]:
         paths.append(plots.niah_heatmap(results, policy, [None] if policy == summary.FULL else budgets[1:],
                                         Path(f"{stem}-niah-{policy.replace(':', '-')}.png")))
     paths.append(plots.layer_budgets(results, args.budgets, Path(f"{stem}-layers.png")))
+    paths.append(plots.allocation_shapes(results, args.budgets, args.policies, Path(f"{stem}-allocations.png")))
+    paths.append(plots.head_shapes(results, args.budgets, args.policies, Path(f"{stem}-heads.png")))
     return [p for p in paths if p]
 
 

@@ -183,13 +183,24 @@ def niah_grid(results, policy: str, budget: int | None) -> dict[tuple[int, float
     return {k: mean(v) for k, v in sorted(cells.items())}
 
 
-def mean_layer_budget(results, policy: str, budget: int) -> dict[str, list[float]]:
-    """Per task, the kept rows of each layer averaged over compressed requests, over ``budget``."""
+def mean_layer_budget(results, policy: str, budget: int, by_task: bool = True) -> dict[str, list[float]]:
+    """Per task (or ``"all"``), the kept rows of each layer averaged over compressed requests,
+    over ``budget``."""
     rows = defaultdict(list)
     for r in results:
         if key(r) == (policy, budget) and r.get("kept_per_layer"):
-            rows[r["task"]].append(r["kept_per_layer"])
+            rows[r["task"] if by_task else "all"].append(r["kept_per_layer"])
     return {task: [mean(col) / budget for col in zip(*kept)] for task, kept in sorted(rows.items())}
+
+
+def mean_head_budget(results, policy: str, budget: int) -> list[list[float]]:
+    """Per KV head, the kept rows of each layer averaged over compressed requests, over
+    ``budget`` ([H][L]; empty when no request recorded its heads)."""
+    heads = [r["kept_per_head"] for r in results if key(r) == (policy, budget) and r.get("kept_per_head")]
+    if not heads:
+        return []
+    num_layers, num_heads = len(heads[0]), len(heads[0][0])
+    return [[mean(req[layer][h] for req in heads) / budget for layer in range(num_layers)] for h in range(num_heads)]
 
 
 def layer_shapes(results, budgets, policy: str = "dynamickv", top: int = 4) -> list[str]:

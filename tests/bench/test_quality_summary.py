@@ -91,6 +91,19 @@ def test_niah_grid_and_layer_budget_shapes():
     assert shape == {"niah": [150 / 128, 106 / 128], "spread": [0.5, 1.5]}
 
 
+def test_shapes_over_all_tasks_and_per_head(tmp_path):
+    from bench import plots
+
+    assert summary.mean_layer_budget(RESULTS, "dynamickv", 128, by_task=False) == {"all": [107 / 128, 149 / 128]}
+    heads = [dict(r("niah", "snapkv+adaptive", 64, True, kept=[64, 64]), kept_per_head=h)
+             for h in ([[60, 68], [64, 64]], [[70, 58], [62, 66]])]
+    assert summary.mean_head_budget(heads, "snapkv+adaptive", 64) == [[65 / 64, 63 / 64], [63 / 64, 65 / 64]]
+    assert summary.mean_head_budget(RESULTS, "dynamickv", 128) == []
+    assert plots.head_shapes(heads, [64], ["snapkv+adaptive"], tmp_path / "h.png").stat().st_size > 0
+    assert plots.allocation_shapes(RESULTS, [128], ["dynamickv", "snapkv"], tmp_path / "a.png").stat().st_size > 0
+    assert plots.allocation_shapes(RESULTS, [128], ["streamingllm"], tmp_path / "b.png") is None  # no kept rows
+
+
 def test_layer_shapes_name_top_layers_and_task_gap():
     (line,) = summary.layer_shapes(RESULTS, [128, 64])
     assert line.startswith("budget 128: niah: L0 1.2x, L1 0.8x; spread: L1 1.5x, L0 0.5x")
