@@ -63,6 +63,9 @@ def parse(argv=None) -> argparse.Namespace:
                         "DynamicKV with --kv-allocation X; default: the four policies)")
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
+    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="JSON",
+                   help="results of earlier runs of the same model (bench/results/quality-*.json; a stopped "
+                        "run's own file resumes it): requests answered there are taken from them, not asked again")
     args = p.parse_args(argv)
     args.preset = apply_preset(args, PRESETS)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
@@ -78,6 +81,22 @@ def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.
     configs = [(summary.FULL, None)] + [(p, b) for b in budgets for p in policies]
     blocks = [cases[i:i + block] for i in range(0, len(cases), block)]
     return [(c, p, b) for part in blocks for p, b in configs for c in part]
+
+
+def split_reused(requests, paths, model: str) -> tuple[list[dict], list]:
+    """(results found in the ``--reuse`` files for these requests, the requests still to ask).
+    A file of another model is an error: its answers would not be this model's."""
+    known = {}
+    for path in paths:
+        report = json.loads(Path(path).read_text())
+        if report["args"]["model"] != model:
+            raise SystemExit(f"--reuse: {path} holds {report['args']['model']} results, not {model}")
+        known.update({(r["case"], r["policy"], r["budget"]): r for r in report["results"]})
+    found, todo = [], []
+    for case, policy, budget in requests:
+        hit = known.get((case.name, policy, budget))
+        (found.append(hit) if hit is not None else todo.append((case, policy, budget)))
+    return found, todo
 
 
 def run(engine, requests, save=lambda results: None) -> list[dict]:
@@ -216,14 +235,16 @@ def main(argv=None) -> int:
     seeds = range(args.seeds)
     cases = tasks.build(tokenizer, args.tasks, args.lengths, args.depths, seeds)
     requests = requests_for(cases, args.policies, args.budgets)
-    print(f"{len(cases)} cases x {len(requests) // max(len(cases), 1)} configs = {len(requests)} requests",
-          file=sys.stderr)
+    reused, requests = split_reused(requests, args.reuse, args.model)
+    print(f"{len(cases)} cases x {(len(requests) + len(reused)) // max(len(cases), 1)} configs = "
+          f"{len(requests) + len(reused)} requests ({len(reused)} answered in --reuse files)", file=sys.stderr)
     t0 = time.time()
     engine = start_engine(args.model, args.max_total_tokens)
     try:
-        results = run(engine, requests, save=lambda res: write_tables(args, res, time.time() - t0))
+        new = run(engine, requests, save=lambda res: write_tables(args, reused + res, time.time() - t0))
     finally:
         engine.shutdown()
+    results = score_continuations(reused + new)
     wall = time.time() - t0
     for path in write(args, results, wall):
         print(path)

@@ -138,6 +138,24 @@ def test_quick_preset_and_requests():
                                                             "kv_budget": 32}
 
 
+def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path):
+    import json
+    from types import SimpleNamespace
+
+    cases = [SimpleNamespace(name=n) for n in ("a", "b")]
+    reqs = quality.requests_for(cases, ["dynamickv:floor", "snapkv"], [32])
+    earlier = [r("niah", "full", None, True, case="a"), r("niah", "snapkv", 32, False, case="a"),
+               r("niah", "snapkv", 64, False, case="b")]  # another budget: not one of these requests
+    path = tmp_path / "quality-earlier.json"
+    path.write_text(json.dumps({"args": {"model": "smollm2"}, "results": earlier}))
+    found, todo = quality.split_reused(reqs, [path], "smollm2")
+    assert found == earlier[:2]
+    assert [(c.name, p, b) for c, p, b in todo] == [("b", "full", None), ("a", "dynamickv:floor", 32),
+                                                    ("b", "dynamickv:floor", 32), ("b", "snapkv", 32)]
+    with pytest.raises(SystemExit, match="not qwen"):
+        quality.split_reused(reqs, [path], "qwen")
+
+
 def test_allocations_are_paired_with_snapkv_and_with_the_reference():
     labels = ["dynamickv:reference", "dynamickv:floor", "snapkv", "pyramidkv"]
     assert summary.pairs(labels) == [("dynamickv:reference", "snapkv"), ("dynamickv:floor", "snapkv"),
