@@ -140,12 +140,13 @@ def markdown(results, policies, budgets) -> str:
 
 def pairs(labels) -> list[tuple[str, str]]:
     """The paired comparisons a table shows, when both sides ran: every DynamicKV label against
-    SnapKV, every other allocation against the paper's (``dynamickv:reference``), and every
-    ``X+adaptive`` (per-head budgets) against ``X``."""
+    SnapKV, every named allocation (``dynamickv:X``) against the server's default (plain
+    ``dynamickv``, else ``dynamickv:reference``), and every ``X+adaptive`` (per-head budgets)
+    against ``X``."""
     dkv = [p for p in labels if p.split(":")[0].split("+")[0] == "dynamickv"]
     out = [(p, "snapkv") for p in dkv if "snapkv" in labels]
-    ref = "dynamickv:reference"
-    out += [(p, ref) for p in dkv if ref in labels and p != ref and "+" not in p]
+    base = next((b for b in ("dynamickv", "dynamickv:reference") if b in labels), None)
+    out += [(p, base) for p in dkv if base and ":" in p and "+" not in p and p != base]
     return out + [(p, p.split("+")[0]) for p in labels if "+" in p and p.split("+")[0] in labels]
 
 

@@ -163,6 +163,8 @@ def test_allocations_are_paired_with_snapkv_and_with_the_reference():
     assert summary.pairs(["dynamickv", "pyramidkv"]) == []
     assert summary.pairs(["dynamickv", "dynamickv+adaptive", "snapkv+adaptive"]) == [
         ("dynamickv+adaptive", "dynamickv")]
+    assert summary.pairs(["dynamickv", "dynamickv:floor", "dynamickv:reference"]) == [
+        ("dynamickv:floor", "dynamickv"), ("dynamickv:reference", "dynamickv")]
     assert quality.custom_params("snapkv+adaptive", 64) == {"kv_policy": "snapkv", "kv_head_budgets": "adaptive",
                                                             "kv_budget": 64}
     res = [r("niah", p, 64, ok, case=f"c{i}") for i in range(6)
