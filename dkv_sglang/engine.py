@@ -16,8 +16,8 @@ from sglang.srt.entrypoints.engine import Engine as _SGLangEngine
 class Engine(_SGLangEngine):
     """Same options as ``sglang.Engine`` plus ``kv_policy``, ``kv_budget``, ``kv_window``,
     ``kv_kernel``, ``kv_pooling``, ``kv_rmax``, ``kv_update_interval``, ``kv_allocation``,
-    ``kv_head_budgets``; with a compressing
-    policy ``page_size`` is the dkv pool's physical page size (SGLang's stays 1)."""
+    ``kv_head_budgets``; with a compressing policy ``page_size`` is the dkv pool's physical page
+    size (SGLang's stays 1)."""
 
     def __init__(self, **kwargs):
         ours = {k: kwargs.pop(k) for k in list(kwargs) if k in _OUR_KEYS}
