@@ -63,7 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "DynamicKV with --kv-allocation X; default: the four policies)")
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
-    p.add_argument("--reuse", nargs="+", type=Path, default=[], metavar="JSON",
+    p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                    help="results of earlier runs of the same model (bench/results/quality-*.json; a stopped "
                         "run's own file resumes it): requests answered there are taken from them, not asked again")
     args = p.parse_args(argv)

@@ -138,7 +138,7 @@ def test_quick_preset_and_requests():
                                                             "kv_budget": 32}
 
 
-def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path):
+def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path, monkeypatch):
     import json
     from types import SimpleNamespace
 
@@ -154,6 +154,10 @@ def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path):
                                                     ("b", "dynamickv:floor", 32), ("b", "snapkv", 32)]
     with pytest.raises(SystemExit, match="not qwen"):
         quality.split_reused(reqs, [path], "qwen")
+    args = quality.parse(["--quick", "--reuse", str(path), "--name", "reuse-test"])
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    json_path, _ = quality.write_tables(args, found, 1.0)  # the args (with --reuse) are saved too
+    assert json.loads(json_path.read_text())["args"]["reuse"] == [str(path)]
 
 
 def test_allocations_are_paired_with_snapkv_and_with_the_reference():
