@@ -17,6 +17,12 @@ from dataclasses import replace
 from .config import ALLOCATIONS, HEAD_BUDGETS, POLICIES, PolicyConfig, PolicyConfigError
 
 KEYS = ("kv_policy", "kv_budget", "kv_allocation", "kv_head_budgets")
+# the keys that name one of a fixed set: key -> (PolicyConfig field, choices, what it is)
+CHOICES = {
+    "kv_policy": ("policy", POLICIES, "policy"),
+    "kv_allocation": ("allocation", ALLOCATIONS, "allocation"),
+    "kv_head_budgets": ("head_budgets", HEAD_BUDGETS, "mode"),
+}
 
 
 def for_request(server: PolicyConfig, custom_params, source: str = "custom_params") -> PolicyConfig:
@@ -30,17 +36,18 @@ def for_request(server: PolicyConfig, custom_params, source: str = "custom_param
     if unknown:
         raise PolicyConfigError(f"{source}.{unknown[0]}", f"unknown key; allowed: {', '.join(KEYS)}")
     changes = {}
-    if "kv_policy" in custom_params:
-        policy = custom_params["kv_policy"]
-        if policy not in POLICIES:
-            choices = ", ".join(POLICIES)
-            raise PolicyConfigError(f"{source}.kv_policy", f"unknown policy {policy!r}; choose from {choices}")
-        if policy != "full" and not server.compresses:
-            raise PolicyConfigError(
-                f"{source}.kv_policy",
-                f"this server was started with --kv-policy full; start it with a compressing policy to use {policy!r}",
-            )
-        changes["policy"] = policy
+    for key, (field, choices, what) in CHOICES.items():
+        if key in custom_params:
+            value = custom_params[key]
+            if value not in choices:
+                raise PolicyConfigError(f"{source}.{key}", f"unknown {what} {value!r}; choose from {', '.join(choices)}")
+            changes[field] = value
+    if changes.get("policy", "full") != "full" and not server.compresses:
+        raise PolicyConfigError(
+            f"{source}.kv_policy",
+            f"this server was started with --kv-policy full; start it with a compressing policy to use "
+            f"{changes['policy']!r}",
+        )
     if "kv_budget" in custom_params:
         budget = custom_params["kv_budget"]
         if not isinstance(budget, int) or isinstance(budget, bool):
@@ -50,20 +57,6 @@ def for_request(server: PolicyConfig, custom_params, source: str = "custom_param
                 f"{source}.kv_budget", f"must be at least the window + 1 = {server.window + 1}, got {budget}"
             )
         changes["budget"] = budget
-    if "kv_allocation" in custom_params:
-        allocation = custom_params["kv_allocation"]
-        if allocation not in ALLOCATIONS:
-            raise PolicyConfigError(
-                f"{source}.kv_allocation", f"unknown allocation {allocation!r}; choose from {', '.join(ALLOCATIONS)}"
-            )
-        changes["allocation"] = allocation
-    if "kv_head_budgets" in custom_params:
-        mode = custom_params["kv_head_budgets"]
-        if mode not in HEAD_BUDGETS:
-            raise PolicyConfigError(
-                f"{source}.kv_head_budgets", f"unknown mode {mode!r}; choose from {', '.join(HEAD_BUDGETS)}"
-            )
-        changes["head_budgets"] = mode
     return replace(server, **changes) if changes else server
 
 
