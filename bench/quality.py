@@ -65,7 +65,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                    help="results of earlier runs of the same model (bench/results/quality-*.json; a stopped "
-                        "run's own file resumes it): requests answered there are taken from them, not asked again")
+                        "run's own file resumes it): requests answered there are taken from them, not asked again; "
+                        "with every request answered, no engine starts and only the tables are written")
     args = p.parse_args(argv)
     args.preset = apply_preset(args, PRESETS)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
@@ -239,11 +240,13 @@ def main(argv=None) -> int:
     print(f"{len(cases)} cases x {(len(requests) + len(reused)) // max(len(cases), 1)} configs = "
           f"{len(requests) + len(reused)} requests ({len(reused)} answered in --reuse files)", file=sys.stderr)
     t0 = time.time()
-    engine = start_engine(args.model, args.max_total_tokens)
-    try:
-        new = run(engine, requests, save=lambda res: write_tables(args, reused + res, time.time() - t0))
-    finally:
-        engine.shutdown()
+    new = []
+    if requests:  # all answered in --reuse files: only the tables and figures are written again
+        engine = start_engine(args.model, args.max_total_tokens)
+        try:
+            new = run(engine, requests, save=lambda res: write_tables(args, reused + res, time.time() - t0))
+        finally:
+            engine.shutdown()
     results = score_continuations(reused + new)
     wall = time.time() - t0
     for path in write(args, results, wall):

@@ -176,3 +176,27 @@ def test_allocations_are_paired_with_snapkv_and_with_the_reference():
     md = summary.markdown(res, ["full", *labels[:3]], [64])
     assert "dynamickv:floor vs dynamickv:reference on the same prompts" in md
     assert "+67 (4:0, p=0.12)" in md and "-33 (0:2, p=0.50)" in md
+
+
+def test_a_run_answered_entirely_by_reuse_starts_no_engine(tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from bench import tasks
+    from runtime.prepare_model import prepare
+
+    argv = ["--quick", "--tasks", "niah", "--budgets", "32", "--policies", "snapkv"]
+    args = quality.parse(argv)
+    cases = tasks.build(AutoTokenizer.from_pretrained(prepare("smollm2")), args.tasks, args.lengths, args.depths,
+                        range(args.seeds))
+    earlier = [r("niah", p, b, p == "full", case=c.name, depth=c.depth)
+               for c, p, b in quality.requests_for(cases, args.policies, args.budgets)]
+    path = tmp_path / "quality-earlier.json"
+    path.write_text(json.dumps({"args": {"model": "smollm2"}, "results": earlier}))
+    monkeypatch.setattr(quality, "start_engine", lambda *a: pytest.fail("an engine started"))
+    monkeypatch.setattr(quality, "RESULTS", tmp_path)
+    assert quality.main([*argv, "--reuse", str(path), "--name", "again"]) == 0
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert len(report["results"]) == len(earlier) == 4 * 2
+    assert "| snapkv | 0 [0, 49] |" in (tmp_path / "again.md").read_text()
