@@ -4,11 +4,11 @@ Pure torch, no SGLang import. Without it a decode step would look up every token
 request's whole sequence in every layer (``row_of[layer][:, vids]`` over the full prompt) and
 then drop the rows the policy freed: work that grows with the prompt although the request
 attends only to its kept rows. Here a request's rows are gathered once, when it is compressed,
-into ``rows`` [L, H, capacity] (the first ``lens[l]`` entries of layer ``l`` are its kept rows
-then its generated tokens, in position order), and each decode step appends the new token's
-rows. :meth:`KeptIndex.request_rows` is what both attention backends read ((request, KV head)
-entries, positions in order; heads may keep unequal numbers of rows): the torch backend attends to them, the FlashInfer backend pages
-them into its tables.
+into ``rows`` [L, H, capacity] (the first ``lens[l, h]`` entries of layer ``l``, head ``h`` are
+its kept rows then its generated tokens, in position order; heads may keep unequal numbers of
+rows), and each decode step appends the new token's rows. :meth:`KeptIndex.request_rows` is what
+both attention backends read ((request, KV head) entries, positions in order): the torch backend
+attends to them, the FlashInfer backend pages them into its tables.
 
 Requests that were not compressed (full policy, short prompts) have no entry; they are read
 through the row table as before (every row held, nothing to drop).
