@@ -96,7 +96,10 @@ def split_reused(requests, paths, model: str) -> tuple[list[dict], list]:
     found, todo = [], []
     for case, policy, budget in requests:
         hit = known.get((case.name, policy, budget))
-        (found.append(hit) if hit is not None else todo.append((case, policy, budget)))
+        if hit is None:
+            todo.append((case, policy, budget))
+        else:
+            found.append(hit)
     return found, todo
 
 
