@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from dkv_sglang.policy.config import PolicyConfig
+
 from . import plots, summary, tasks
 from .presets import LABELS, POLICIES, apply_preset, custom_params
 
@@ -44,6 +46,7 @@ PRESETS = {
     "full": {"lengths": (1000, 2000, 4000, 8000), "depths": (0.1, 0.3, 0.5, 0.7, 0.9), "seeds": 40},
 }
 CHUNK = 64  # requests per round (and per save); /dkv/stats keeps the last 256 compressed requests
+WINDOW = PolicyConfig.window  # the server's default --kv-window
 IN_FLIGHT = 16  # SGLang batches these; more only delays every reply (CPU prefill is compute-bound)
 
 
@@ -62,6 +65,9 @@ def parse(argv=None) -> argparse.Namespace:
                    help=f"policies to compare with full KV, from {', '.join(LABELS)} (dynamickv:X = "
                         "DynamicKV with --kv-allocation X; default: the four policies)")
     p.add_argument("--max-total-tokens", type=int, default=32768, help="KV pool size in tokens")
+    p.add_argument("--kv-window", type=int, default=WINDOW,
+                   help=f"the server's --kv-window (default {WINDOW}, the server's own): the last prompt "
+                        "tokens whose queries score the prefix, always kept; every budget must exceed it")
     p.add_argument("--name", help="results file stem (default quality-<preset>-<model>)")
     p.add_argument("--reuse", nargs="+", default=[], metavar="JSON",
                    help="results of earlier runs of the same model (bench/results/quality-*.json; a stopped "
@@ -71,6 +77,8 @@ def parse(argv=None) -> argparse.Namespace:
     args.preset = apply_preset(args, PRESETS)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
     args.name = args.name or f"quality-{args.preset}-{args.model}"
+    if args.kv_window < 1 or min(args.budgets) <= args.kv_window:
+        p.error(f"--kv-window {args.kv_window}: must be >= 1 and below every --budgets value")
     return args
 
 
@@ -84,15 +92,18 @@ def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.
     return [(c, p, b) for part in blocks for p, b in configs for c in part]
 
 
-def split_reused(requests, paths, model: str) -> tuple[list[dict], list]:
+def split_reused(requests, paths, model: str, window: int = WINDOW) -> tuple[list[dict], list]:
     """(results found in the ``--reuse`` files for these requests, the requests still to ask).
-    A file of another model is an error: its answers would not be this model's."""
+    A file of another model is an error: its answers would not be this model's. From a file run
+    with another ``--kv-window`` only full KV's answers are taken (the window does not touch them)."""
     known = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         if report["args"]["model"] != model:
             raise SystemExit(f"--reuse: {path} holds {report['args']['model']} results, not {model}")
-        known.update({(r["case"], r["policy"], r["budget"]): r for r in report["results"]})
+        same = report["args"].get("kv_window", WINDOW) == window
+        known.update({(r["case"], r["policy"], r["budget"]): r for r in report["results"]
+                      if same or r["policy"] == summary.FULL})
     found, todo = [], []
     for case, policy, budget in requests:
         hit = known.get((case.name, policy, budget))
@@ -182,11 +193,11 @@ def _result(request, reply, recent) -> dict:
     return out
 
 
-def start_engine(model: str, max_total_tokens: int):
+def start_engine(model: str, max_total_tokens: int, window: int = WINDOW):
     import dkv_sglang
     from runtime.prepare_model import prepare
 
-    return dkv_sglang.Engine(model_path=str(prepare(model)), kv_policy="dynamickv", kv_budget=128,
+    return dkv_sglang.Engine(model_path=str(prepare(model)), kv_policy="dynamickv", kv_budget=128, kv_window=window,
                              dtype="bfloat16", max_total_tokens=max_total_tokens, log_level="error",
                              random_seed=0, watchdog_timeout=3600)  # a busy shared CPU can stall a batch
 
@@ -217,7 +228,8 @@ def write(args, results, wall_s: float) -> list[Path]:
 
 
 def markdown(args, results, wall_s: float) -> str:
-    lines = [f"# {args.name}: {args.model}, tasks {', '.join(args.tasks)}, lengths {args.lengths}, bfloat16",
+    lines = [f"# {args.name}: {args.model}, tasks {', '.join(args.tasks)}, lengths {args.lengths}, bfloat16, "
+             f"--kv-window {args.kv_window}",
              "", summary.markdown(results, [summary.FULL, *args.policies], args.budgets), "## Checks", ""]
     lines += [f"- {c}" for c in summary.checks(results)]
     lines += ["", "## DynamicKV's per-layer budgets by task (kept rows / budget)", ""]
@@ -239,13 +251,13 @@ def main(argv=None) -> int:
     seeds = range(args.seeds)
     cases = tasks.build(tokenizer, args.tasks, args.lengths, args.depths, seeds)
     requests = requests_for(cases, args.policies, args.budgets)
-    reused, requests = split_reused(requests, args.reuse, args.model)
+    reused, requests = split_reused(requests, args.reuse, args.model, args.kv_window)
     print(f"{len(cases)} cases x {(len(requests) + len(reused)) // max(len(cases), 1)} configs = "
           f"{len(requests) + len(reused)} requests ({len(reused)} answered in --reuse files)", file=sys.stderr)
     t0 = time.time()
     new = []
     if requests:  # all answered in --reuse files: only the tables and figures are written again
-        engine = start_engine(args.model, args.max_total_tokens)
+        engine = start_engine(args.model, args.max_total_tokens, args.kv_window)
         try:
             new = run(engine, requests, save=lambda res: write_tables(args, reused + res, time.time() - t0))
         finally:

@@ -154,6 +154,11 @@ def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path, monkeypatch):
                                                     ("b", "dynamickv:floor", 32), ("b", "snapkv", 32)]
     with pytest.raises(SystemExit, match="not qwen"):
         quality.split_reused(reqs, [path], "qwen")
+    # run with another --kv-window: only full KV's answers hold
+    found, todo = quality.split_reused(reqs, [path], "smollm2", window=16)
+    assert found == earlier[:1] and len(todo) == 5
+    with pytest.raises(SystemExit):  # a budget must exceed the window
+        quality.parse(["--quick", "--budgets", "16", "32", "--kv-window", "16"])
     args = quality.parse(["--quick", "--reuse", str(path), "--name", "reuse-test"])
     monkeypatch.setattr(quality, "RESULTS", tmp_path)
     json_path, _ = quality.write_tables(args, found, 1.0)  # the args (with --reuse) are saved too
