@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 import torch
 
-from .config import PolicyConfig
+from .config import SINKS, PolicyConfig
 from .dynamickv import Selection, fill_surplus, layer_kept, selection
 from .reduce import LOCAL
 from .scoring import pool_scores
 
-SINKS = 4
 PYRAMID_BETA = 20  # PyramidKV: the top layer keeps base / beta rows
 
 

@@ -9,7 +9,8 @@ POLICIES = ("full", "dynamickv", "snapkv", "pyramidkv", "streamingllm")
 POOLINGS = ("avg", "max")
 # How DynamicKV turns each layer's winners of the global top-k into its budget (dynamickv.py):
 # reference = the paper's code; the others are the hypotheses of issue 14, each one change.
-ALLOCATIONS = ("reference", "proportional", "normalized", "floor")
+ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks")
+SINKS = 4  # attention sinks: the first prompt tokens, which most heads attend to whatever they read
 # How a layer's rows are shared by its KV heads (heads.py): the same count each, or Ada-KV's.
 HEAD_BUDGETS = ("uniform", "adaptive")
 
@@ -38,7 +39,9 @@ class PolicyConfig:
                      (the paper: c_l = winners_l // L', so at small budgets most layers round
                      to 0), ``proportional`` (c_l = winners_l), ``normalized`` (proportional,
                      each layer's scores first divided by the layer's total), ``floor``
-                     (proportional, every layer keeps at least base // 5, Ada-KV's safeguard).
+                     (proportional, every layer keeps at least base // 5, Ada-KV's safeguard),
+                     ``sinks`` (the reference, but the first SINKS prompt tokens win no count:
+                     every layer keeps them, and the rest of the budget goes by the count).
     head_budgets:    ``uniform``: every KV head of a layer keeps the layer's count; ``adaptive``:
                      the layer's heads share H x count rows by one top-k (Ada-KV), each head
                      keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv).

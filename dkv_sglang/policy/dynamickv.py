@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import PolicyConfig
+from .config import SINKS, PolicyConfig
 from .heads import adaptive_counts, ragged_kept
 from .reduce import LOCAL
 from .scoring import pool_scores
@@ -114,13 +114,14 @@ def update_budgets(
         cap:         n - ws, the most prefix rows a layer can keep.
         reducer:     the tensor-parallel group (:mod:`.reduce`); ``H`` is then this rank's
                      share of the heads, and the top-k runs over all ranks' heads.
-        allocation:  ``reference``: c_l = winners_l // L' (the paper's code); otherwise
-                     c_l = winners_l, and ``floor`` first gives every seen layer base // 5.
+        allocation:  ``reference`` and ``sinks``: c_l = winners_l // L' (the paper's code);
+                     otherwise c_l = winners_l. ``floor`` first gives every seen layer
+                     base // 5, ``sinks`` SINKS (its sink rows, at -inf here: see select).
 
     Returns:
         budget per seen layer: floor + (base*L - floor*L')*c_l/sum(c) floored, the
         remainder to the last seen layer, then capped at ``cap`` (floor is 0 but for
-        ``floor``). The global top-k (k = base * all heads * L') is exact: rows tying its
+        ``floor`` and ``sinks``). The global top-k (k = base * all heads * L') is exact: rows tying its
         k-th score count for the earliest layers first.
     """
     lp, h, bs = held_scores.shape
@@ -143,8 +144,8 @@ def update_budgets(
             left -= take
     else:  # fewer than k rows held: every held row wins
         counts = reducer.sum(torch.isfinite(masked).sum(dim=(1, 2)))
-    c = counts // lp if allocation == "reference" else counts
-    floor = base // 5 if allocation == "floor" else 0
+    c = counts // lp if allocation in ("reference", "sinks") else counts
+    floor = {"floor": base // 5, "sinks": min(SINKS, base)}.get(allocation, 0)
     total = base * num_layers - floor * lp
     if int(c.sum()) == 0:
         budgets = [total // lp] * lp
@@ -184,14 +185,20 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     if cfg.allocation == "normalized":  # each layer's scores as shares of its own total (all ranks' heads)
         pooled = pooled / reducer.sum(pooled.sum(dim=(1, 2))).clamp_min(1e-30)[:, None, None]
     bs = min(cfg.rmax * cfg.base, prefix)
+    sinks = min(SINKS, bs) if cfg.allocation == "sinks" else 0
+    pooled[..., :sinks] = float("inf")  # the sinks first in every head (and in every head's count)
     # [L, H, bs] best first; ties (max pooling makes plateaus) keep the earlier position first
     held_scores, order = (t[..., :bs] for t in pooled.sort(dim=-1, descending=True, stable=True))
+    counted = held_scores
+    if sinks:  # ... but they win no layer budget
+        counted = held_scores.clone()
+        counted[..., :sinks] = float("-inf")
 
     held = [bs] * num_layers
     budgets = held
     for point in update_points(num_layers, cfg.update_interval):
         seen = point + 1
-        budgets = update_budgets(held_scores[:seen], held[:seen], cfg.base, num_layers, prefix, reducer,
+        budgets = update_budgets(counted[:seen], held[:seen], cfg.base, num_layers, prefix, reducer,
                                  cfg.allocation)
         for layer in range(seen):
             held[layer] = min(held[layer], budgets[layer])

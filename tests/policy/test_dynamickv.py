@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkv_sglang.policy import PolicyConfig, select
-from dkv_sglang.policy.config import ALLOCATIONS
+from dkv_sglang.policy.config import ALLOCATIONS, SINKS
 from dkv_sglang.policy.dynamickv import fill_surplus, update_budgets, update_points
 
 
@@ -77,6 +77,20 @@ def test_normalized_allocation_compares_layers_by_their_own_shares():
     assert select(scores, 7, norm).kept_per_layer == [3, 3]
 
 
+def test_sinks_allocation_keeps_the_sinks_everywhere_and_counts_the_rest():
+    # Layer 0 attends to its sinks (positions 0-3), layer 1 reads positions 4-19 and ignores the sinks.
+    l0 = torch.tensor([[10.0] * 4 + [0.1] * 16])
+    l1 = torch.tensor([[0.0] * 4 + [0.5 - 0.01 * i for i in range(16)]])
+    cfg = PolicyConfig(policy="dynamickv", budget=9, window=1, kernel=1, rmax=10, update_interval=2)
+    # reference: k = 16 winners, l0's 4 sinks and l1's best 12 -> c = [2, 6] -> budgets [4, 12]
+    ref = select([l0, l1], 21, cfg)
+    assert ref.kept[0].tolist() == [[0, 1, 2, 3, 20]] and ref.kept[1].tolist() == [[*range(4, 16), 20]]
+    # sinks: the sinks win nothing, so l1 takes all 16 -> c = [0, 8]; every layer keeps its 4
+    # sinks, and the other 16 - 2 * 4 = 8 rows go by c -> budgets [4, 12] of which 4 are sinks
+    sinks = select([l0, l1], 21, PolicyConfig(**{**cfg.__dict__, "allocation": "sinks"}))
+    assert sinks.kept[0].tolist() == [[0, 1, 2, 3, 20]] and sinks.kept[1].tolist() == [[*range(0, 12), 20]]
+
+
 def test_fill_surplus_goes_to_layers_with_room_most_budgeted_first():
     assert fill_surplus([5, 0, 2], budgets=[8, 0, 2], limit=5, total=10) == [5, 0, 5]
     assert fill_surplus([5, 0, 2], budgets=[8, 3, 2], limit=5, total=10) == [5, 3, 2]
@@ -141,6 +155,9 @@ def test_properties(case):
         for head in pos.tolist():
             assert head == sorted(set(head)), "positions unique and ascending"
             assert window <= set(head) and 0 <= head[0] and head[-1] < n
+    if cfg.allocation == "sinks":  # every head of every layer keeps the sinks its budget allows
+        sinks = set(range(min(SINKS, cfg.base)))
+        assert all(sinks <= set(head) for pos in sel.kept for head in pos.tolist())
     # deterministic
     again = select([s.clone() for s in scores], n, cfg)
     assert all(torch.equal(a, b) for a, b in zip(sel.kept, again.kept))
