@@ -3,7 +3,7 @@ argparse defaults) and the policy labels each request turns into ``custom_params
 
 from __future__ import annotations
 
-from dkv_sglang.policy.config import ALLOCATIONS
+from dkv_sglang.policy.config import ALLOCATIONS, PolicyConfig
 
 POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
 # A label is a policy, optionally ":allocation" (DynamicKV's --kv-allocation; plain "dynamickv"
@@ -12,6 +12,14 @@ VARIANTS = (*(f"dynamickv:{a}" for a in ALLOCATIONS),
             *(f"{p}+adaptive" for p in ("dynamickv", "snapkv", "pyramidkv")),
             *(f"dynamickv:{a}+adaptive" for a in ALLOCATIONS))
 LABELS = POLICIES + VARIANTS
+DEFAULT_ALLOCATION = PolicyConfig.allocation  # what a plain "dynamickv" label runs with
+
+
+def spelled(label: str, default: str) -> str:
+    """The label with DynamicKV's allocation written out (``dynamickv+adaptive`` ->
+    ``dynamickv:<default>+adaptive``), so results of runs with different server defaults match."""
+    name, plus, heads = label.partition("+")
+    return (f"dynamickv:{default}" if name == "dynamickv" else name) + plus + heads
 
 
 def custom_params(label: str, budget: int | None) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 from dkv_sglang.policy.config import PolicyConfig
 
 from . import plots, summary, tasks
-from .presets import LABELS, POLICIES, apply_preset, custom_params
+from .presets import DEFAULT_ALLOCATION, LABELS, POLICIES, apply_preset, custom_params, spelled
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -77,6 +77,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.preset = apply_preset(args, PRESETS)
     args.tasks = args.tasks or MODEL_TASKS[args.model]
     args.name = args.name or f"quality-{args.preset}-{args.model}"
+    args.default_allocation = DEFAULT_ALLOCATION  # recorded: what "dynamickv" meant in this run
     if args.kv_window < 1 or min(args.budgets) <= args.kv_window:
         p.error(f"--kv-window {args.kv_window}: must be >= 1 and below every --budgets value")
     return args
@@ -92,25 +93,29 @@ def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.
     return [(c, p, b) for part in blocks for p, b in configs for c in part]
 
 
-def split_reused(requests, paths, model: str, window: int = WINDOW) -> tuple[list[dict], list]:
+def split_reused(requests, paths, model: str, window: int = WINDOW,
+                 allocation: str = DEFAULT_ALLOCATION) -> tuple[list[dict], list]:
     """(results found in the ``--reuse`` files for these requests, the requests still to ask).
     A file of another model is an error: its answers would not be this model's. From a file run
-    with another ``--kv-window`` only full KV's answers are taken (the window does not touch them)."""
+    with another ``--kv-window`` only full KV's answers are taken (the window does not touch them).
+    A plain ``dynamickv`` means the server's default allocation of its own run (``reference``
+    before runs recorded it), so answers match by the spelled-out allocation and are relabeled."""
     known = {}
     for path in paths:
         report = json.loads(Path(path).read_text())
         if report["args"]["model"] != model:
             raise SystemExit(f"--reuse: {path} holds {report['args']['model']} results, not {model}")
         same = report["args"].get("kv_window", WINDOW) == window
-        known.update({(r["case"], r["policy"], r["budget"]): r for r in report["results"]
+        theirs = report["args"].get("default_allocation", "reference")
+        known.update({(r["case"], spelled(r["policy"], theirs), r["budget"]): r for r in report["results"]
                       if same or r["policy"] == summary.FULL})
     found, todo = [], []
     for case, policy, budget in requests:
-        hit = known.get((case.name, policy, budget))
+        hit = known.get((case.name, spelled(policy, allocation), budget))
         if hit is None:
             todo.append((case, policy, budget))
         else:
-            found.append(hit)
+            found.append({**hit, "policy": policy})
     return found, todo
 
 

@@ -157,6 +157,16 @@ def test_reuse_takes_answered_requests_from_earlier_runs(tmp_path, monkeypatch):
     # run with another --kv-window: only full KV's answers hold
     found, todo = quality.split_reused(reqs, [path], "smollm2", window=16)
     assert found == earlier[:1] and len(todo) == 5
+    # a plain "dynamickv" is the server's default allocation of each run: "reference" in a file
+    # that does not say, so it answers "dynamickv:reference" here, and not "dynamickv" under floor
+    old = [r("niah", "dynamickv", 32, True, case="a")]
+    path.write_text(json.dumps({"args": {"model": "smollm2"}, "results": old}))
+    ref = quality.requests_for(cases[:1], ["dynamickv:reference", "dynamickv"], [32])[1:]
+    found, todo = quality.split_reused(ref, [path], "smollm2", allocation="floor")
+    assert [f["policy"] for f in found] == ["dynamickv:reference"] and [p for _, p, _ in todo] == ["dynamickv"]
+    found, _ = quality.split_reused(ref, [path], "smollm2", allocation="reference")
+    assert [f["policy"] for f in found] == ["dynamickv:reference", "dynamickv"]
+    path.write_text(json.dumps({"args": {"model": "smollm2"}, "results": earlier}))
     with pytest.raises(SystemExit):  # a budget must exceed the window
         quality.parse(["--quick", "--budgets", "16", "32", "--kv-window", "16"])
     args = quality.parse(["--quick", "--reuse", str(path), "--name", "reuse-test"])
