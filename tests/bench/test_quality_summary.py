@@ -215,3 +215,27 @@ def test_a_run_answered_entirely_by_reuse_starts_no_engine(tmp_path, monkeypatch
     report = json.loads((tmp_path / "again.json").read_text())
     assert len(report["results"]) == len(earlier) == 4 * 2
     assert "| snapkv | 0 [0, 49] |" in (tmp_path / "again.md").read_text()
+
+
+def test_compare_pairs_two_runs_prompt_by_prompt(tmp_path):
+    import json
+
+    from bench import compare
+
+    # run A (before defaults were recorded: its "dynamickv" is the reference), run B with a wider window
+    a = [r("niah", p, 64, ok, case=f"c{i}") for i in range(8) for p, ok in (("dynamickv", i < 2), ("snapkv", i < 4))]
+    a.append(r("niah", "snapkv", 64, True, case="only-in-a"))
+    b = [r("niah", p, 64, ok, case=f"c{i}") for i in range(8) for p, ok in (("dynamickv:reference", i < 7),
+                                                                          ("snapkv", i < 4))]
+    paths = []
+    for name, results, args in (("a", a, {"model": "smollm2"}),
+                                ("b", b, {"model": "smollm2", "default_allocation": "floor"})):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"args": args, "results": results}))
+    md = compare.compare(*paths)
+    # dynamickv:reference: 7/8 vs 2/8 on the same 8 prompts, 5:0 -> p = 1/16; snapkv unchanged
+    assert "dynamickv:reference @ b vs dynamickv:reference @ a" in md and "+62 (5:0, p=0.062)" in md
+    assert "snapkv @ b vs snapkv @ a" in md and "+0 (0:0, p=1.00)" in md  # "only-in-a" left out
+    (tmp_path / "c.json").write_text(json.dumps({"args": {"model": "qwen"}, "results": b}))
+    with pytest.raises(SystemExit, match="not the same prompts"):
+        compare.compare(paths[0], tmp_path / "c.json")
