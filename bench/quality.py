@@ -60,6 +60,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens")
     p.add_argument("--depths", nargs="+", type=float, help="niah needle depths, 0..1")
     p.add_argument("--seeds", type=int, help="cases per (task, length[, depth])")
+    p.add_argument("--first-seed", type=int, default=0,
+                   help="seeds run from here (default 0): --first-seed 5 --seeds 15 asks the prompts of "
+                        "seeds 5-19 only, e.g. to check on held-out prompts a choice made on seeds 0-4")
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     p.add_argument("--policies", nargs="+", choices=LABELS, default=list(POLICIES), metavar="POLICY",
                    help=f"policies to compare with full KV, from {', '.join(LABELS)} (dynamickv:X = "
@@ -253,7 +256,7 @@ def main(argv=None) -> int:
     from runtime.prepare_model import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(prepare(args.model))
-    seeds = range(args.seeds)
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
     cases = tasks.build(tokenizer, args.tasks, args.lengths, args.depths, seeds)
     requests = requests_for(cases, args.policies, args.budgets)
     reused, requests = split_reused(requests, args.reuse, args.model, args.kv_window)

@@ -215,6 +215,16 @@ def test_a_run_answered_entirely_by_reuse_starts_no_engine(tmp_path, monkeypatch
     report = json.loads((tmp_path / "again.json").read_text())
     assert len(report["results"]) == len(earlier) == 4 * 2
     assert "| snapkv | 0 [0, 49] |" in (tmp_path / "again.md").read_text()
+    # --first-seed asks only later seeds' prompts: seed 1 of a 2-seed run is its second half
+    two = tasks.build(AutoTokenizer.from_pretrained(prepare("smollm2")), args.tasks, args.lengths, args.depths,
+                      range(2))
+    assert [c.name for c in two[:len(cases)]] == [c.name for c in cases]
+    later = [r("niah", p, b, True, case=c.name, depth=c.depth)
+             for c, p, b in quality.requests_for(two[len(cases):], args.policies, args.budgets)]
+    path.write_text(json.dumps({"args": {"model": "smollm2"}, "results": earlier + later}))
+    assert quality.main([*argv, "--first-seed", "1", "--reuse", str(path), "--name", "held-out"]) == 0
+    report = json.loads((tmp_path / "held-out.json").read_text())
+    assert sorted(x["case"] for x in report["results"]) == sorted(x["case"] for x in later)
 
 
 def test_compare_pairs_two_runs_prompt_by_prompt(tmp_path):
