@@ -35,7 +35,9 @@ class PolicyConfig:
     update_interval: m, DynamicKV re-decides its per-layer budgets every m layers.
     fill_surplus:    hand budget that a layer cannot use (capped by its held rows or the
                      prompt) to layers with room. False gives the reference's unique rows.
-    allocation:      DynamicKV's layer budgets from the global top-k's winners: ``reference``
+    allocation:      DynamicKV's layer budgets from the global top-k's winners (default
+                     ``floor``: the one never below SnapKV on both models measured, README
+                     "Allocations"): ``reference``
                      (the paper: c_l = winners_l // L', so at small budgets most layers round
                      to 0), ``proportional`` (c_l = winners_l), ``normalized`` (proportional,
                      each layer's scores first divided by the layer's total), ``floor``
@@ -55,7 +57,7 @@ class PolicyConfig:
     rmax: int = 10
     update_interval: int = 4
     fill_surplus: bool = True
-    allocation: str = "reference"
+    allocation: str = "floor"
     head_budgets: str = "uniform"
 
     def __post_init__(self):

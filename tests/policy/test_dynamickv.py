@@ -81,7 +81,8 @@ def test_sinks_allocation_keeps_the_sinks_everywhere_and_counts_the_rest():
     # Layer 0 attends to its sinks (positions 0-3), layer 1 reads positions 4-19 and ignores the sinks.
     l0 = torch.tensor([[10.0] * 4 + [0.1] * 16])
     l1 = torch.tensor([[0.0] * 4 + [0.5 - 0.01 * i for i in range(16)]])
-    cfg = PolicyConfig(policy="dynamickv", budget=9, window=1, kernel=1, rmax=10, update_interval=2)
+    cfg = PolicyConfig(policy="dynamickv", budget=9, window=1, kernel=1, rmax=10, update_interval=2,
+                       allocation="reference")
     # reference: k = 16 winners, l0's 4 sinks and l1's best 12 -> c = [2, 6] -> budgets [4, 12]
     ref = select([l0, l1], 21, cfg)
     assert ref.kept[0].tolist() == [[0, 1, 2, 3, 20]] and ref.kept[1].tolist() == [[*range(4, 16), 20]]
@@ -99,7 +100,8 @@ def test_fill_surplus_goes_to_layers_with_room_most_budgeted_first():
 
 def test_select_by_hand():
     # L=2, H=1, window 1, base 2 (budget 3), kernel 1 (no smoothing), rmax 2, m=1, n=7.
-    cfg = PolicyConfig(policy="dynamickv", budget=3, window=1, kernel=1, rmax=2, update_interval=1)
+    cfg = PolicyConfig(policy="dynamickv", budget=3, window=1, kernel=1, rmax=2, update_interval=1,
+                       allocation="reference")
     l0 = torch.tensor([[6.0, 5.0, 4.0, 3.0, 2.0, 1.0]])
     l1 = torch.tensor([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]])
     sel = select([l0, l1], 7, cfg)

@@ -86,7 +86,7 @@ def reference_dynamickv(per_layer_scores, n, cfg):
 def test_policy_keeps_the_reference_token_sets(seed, n, layers, heads, budget, pooling, interval):
     g = torch.Generator().manual_seed(seed)
     cfg = PolicyConfig(policy="dynamickv", budget=budget, window=8, kernel=7, pooling=pooling,
-                       rmax=2, update_interval=interval, fill_surplus=False)
+                       rmax=2, update_interval=interval, fill_surplus=False, allocation="reference")
     assert cfg.rmax * cfg.base < n - cfg.window  # no capping by the prompt
     d = 8
     scale = 1 / math.sqrt(d)

@@ -13,7 +13,7 @@ from dkv_sglang.policy import PolicyConfig, select
 
 LAYERS, HEADS, N = 8, 4, 200
 CASES = [
-    PolicyConfig(policy="dynamickv", budget=24, window=8, pooling="avg", rmax=3),
+    PolicyConfig(policy="dynamickv", budget=24, window=8, pooling="avg", rmax=3, allocation="reference"),
     PolicyConfig(policy="dynamickv", budget=40, window=8, pooling="max", rmax=10, update_interval=3),
     PolicyConfig(policy="dynamickv", budget=16, window=8, fill_surplus=False, update_interval=2),
     PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, allocation="normalized"),
