@@ -15,6 +15,12 @@ LABELS = POLICIES + VARIANTS
 DEFAULT_ALLOCATION = PolicyConfig.allocation  # what a plain "dynamickv" label runs with
 
 
+def default_label(labels, default: str = DEFAULT_ALLOCATION) -> str:
+    """Which of ``labels`` runs the server's default DynamicKV: plain ``dynamickv``, else
+    ``dynamickv:<default>`` (the issue's targets and layer shapes are about that one)."""
+    return next((x for x in ("dynamickv", f"dynamickv:{default}") if x in labels), "dynamickv")
+
+
 def spelled(label: str, default: str) -> str:
     """The label with DynamicKV's allocation written out (``dynamickv+adaptive`` ->
     ``dynamickv:<default>+adaptive``), so results of runs with different server defaults match."""

@@ -30,7 +30,7 @@ from pathlib import Path
 from dkv_sglang.policy.config import PolicyConfig
 
 from . import plots, summary, tasks
-from .presets import DEFAULT_ALLOCATION, LABELS, POLICIES, apply_preset, custom_params, spelled
+from .presets import DEFAULT_ALLOCATION, LABELS, POLICIES, apply_preset, custom_params, default_label, spelled
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -215,7 +215,8 @@ def write_tables(args, results, wall_s: float) -> list[Path]:
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / args.name
     report = {"args": {k: v for k, v in vars(args).items()}, "wall_s": round(wall_s, 1),
-              "targets": summary.targets(results, args.budgets), "results": results}
+              "targets": summary.targets(results, args.budgets, policy=default_label(args.policies)),
+              "results": results}
     paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
     paths[0].write_text(json.dumps(report, indent=1))
     paths[1].write_text(markdown(args, results, wall_s))
@@ -241,10 +242,10 @@ def markdown(args, results, wall_s: float) -> str:
              "", summary.markdown(results, [summary.FULL, *args.policies], args.budgets), "## Checks", ""]
     lines += [f"- {c}" for c in summary.checks(results)]
     lines += ["", "## DynamicKV's per-layer budgets by task (kept rows / budget)", ""]
-    lines += [f"- {line}" for line in summary.layer_shapes(results, args.budgets)]
+    lines += [f"- {line}" for line in summary.layer_shapes(results, args.budgets, default_label(args.policies))]
     lines += ["", "## Targets", ""]
     lines += [f"- {t['target']}: {t['measured']} -> {'held' if t['held'] else 'FAILED'}"
-              for t in summary.targets(results, args.budgets)]
+              for t in summary.targets(results, args.budgets, policy=default_label(args.policies))]
     lines += ["", f"{len(results)} requests, wall time {wall_s / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

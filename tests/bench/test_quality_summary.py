@@ -67,6 +67,14 @@ def test_paired_test_uses_the_same_prompts():
     assert "+75 (10:1, p=0.012)" in summary.paired_markdown(res, ["niah"], [64])
     (target,) = summary.targets(res, [64])
     assert target["held"] and "dynamickv better" in target["measured"]
+    # a run naming the default's allocation (dynamickv:floor) is held to the same targets
+    from bench.presets import default_label
+    floor = [{**x, "policy": "dynamickv:floor"} if x["policy"] == "dynamickv" else x for x in res]
+    label = default_label(["dynamickv:reference", "dynamickv:floor", "snapkv"], "floor")
+    assert label == "dynamickv:floor" and default_label(["dynamickv", "dynamickv:floor"], "floor") == "dynamickv"
+    (target,) = summary.targets(floor, [64], policy=label)
+    assert target["held"] and target["target"].startswith("dynamickv:floor >= snapkv")
+    assert summary.targets(floor, [64]) == []  # no plain dynamickv in these results
 
 
 def test_graded_scores_use_bootstrap_and_sign_test():
