@@ -5,8 +5,9 @@ budget of 16 reshapes what each layer keeps.
 The needle run uses the paper's allocation (``--kv-allocation reference``). One prompt checks
 the path from a real model's scores to a right answer read from the compressed cache; it is not
 a quality claim. On this prompt the default ``floor`` answers "Lavish" (``floor`` with adaptive
-head budgets, ``sinks`` and SnapKV find the needle), while over 125 needle prompts ``floor``
-keeps more needles than the reference at 128 (README, "Allocations").
+head budgets, ``sinks`` and SnapKV find the needle), while over the quality benchmark's 100
+niah prompts (1,000 tokens, SmolLM2, budget 128) ``floor`` keeps more needles than the
+reference (README, "Allocations").
 
 The answer sits several tokens into the reply (the chat turn opens with "The secret password
 ..."), so it is produced from the compressed cache, not from the full-KV prefill.
