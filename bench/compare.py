@@ -13,18 +13,10 @@ in runs that did not record one), so runs from before and after a default change
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from . import summary
-from .presets import spelled
-
-
-def load(path: Path) -> tuple[dict, list[dict]]:
-    report = json.loads(Path(path).read_text())
-    default = report["args"].get("default_allocation", "reference")
-    results = [{**r, "policy": spelled(r["policy"], default)} for r in report["results"]]
-    return report["args"], results
+from .quality import load_results as load
 
 
 def compare(first: Path, second: Path) -> str:

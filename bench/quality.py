@@ -96,6 +96,14 @@ def requests_for(cases, policies, budgets, block: int = 16) -> list[tuple[tasks.
     return [(c, p, b) for part in blocks for p, b in configs for c in part]
 
 
+def load_results(path) -> tuple[dict, list[dict]]:
+    """A results file's args and its results, each plain ``dynamickv`` spelled out as the
+    allocation that run defaulted to (``reference`` before runs recorded it)."""
+    report = json.loads(Path(path).read_text())
+    default = report["args"].get("default_allocation", "reference")
+    return report["args"], [{**r, "policy": spelled(r["policy"], default)} for r in report["results"]]
+
+
 def split_reused(requests, paths, model: str, window: int = WINDOW,
                  allocation: str = DEFAULT_ALLOCATION) -> tuple[list[dict], list]:
     """(results found in the ``--reuse`` files for these requests, the requests still to ask).
@@ -105,13 +113,11 @@ def split_reused(requests, paths, model: str, window: int = WINDOW,
     before runs recorded it), so answers match by the spelled-out allocation and are relabeled."""
     known = {}
     for path in paths:
-        report = json.loads(Path(path).read_text())
-        if report["args"]["model"] != model:
-            raise SystemExit(f"--reuse: {path} holds {report['args']['model']} results, not {model}")
-        same = report["args"].get("kv_window", WINDOW) == window
-        theirs = report["args"].get("default_allocation", "reference")
-        known.update({(r["case"], spelled(r["policy"], theirs), r["budget"]): r for r in report["results"]
-                      if same or r["policy"] == summary.FULL})
+        args, results = load_results(path)
+        if args["model"] != model:
+            raise SystemExit(f"--reuse: {path} holds {args['model']} results, not {model}")
+        same = args.get("kv_window", WINDOW) == window
+        known.update({(r["case"], r["policy"], r["budget"]): r for r in results if same or r["policy"] == summary.FULL})
     found, todo = [], []
     for case, policy, budget in requests:
         hit = known.get((case.name, spelled(policy, allocation), budget))
