@@ -53,7 +53,20 @@ def test_markdown_tables_carry_counts_intervals_and_percent_of_full():
 def test_targets_report_what_held():
     (order, long) = summary.targets(RESULTS, [128, 512], long_length=1000)
     assert order["held"] and order["measured"].startswith("50.0 vs 25.0 (")
-    assert not long["held"] and long["measured"].startswith("67%")
+    assert not long["held"] and long["measured"].startswith("67% (")  # no prompt asked both ways: no interval
+
+
+def test_percent_of_full_interval_is_paired_over_prompts():
+    same = [r("niah", p, b, i % 3 > 0, case=f"c{i}") for i in range(30) for p, b in (("full", None), ("dynamickv", 128))]
+    assert summary.percent_interval(same, "dynamickv", 128)[:2] == pytest.approx((100, 100))  # a copy: no spread
+    half = [x for x in same if x["policy"] == "full"]
+    half += [r("niah", "dynamickv", 128, i % 3 > 0 and i % 2 == 0, case=f"c{i}") for i in range(30)]
+    lo, hi, n = summary.percent_interval(half, "dynamickv", 128)
+    pct = summary.percent_of(summary.average(half, policy="dynamickv", budget=128), summary.average(half, policy="full"))
+    assert n == 30 and lo < pct < hi and 20 < lo and hi < 80
+    assert summary.percent_interval(half, "snapkv", 128) is None
+    (long,) = summary.targets(half, [], long_length=1000)
+    assert long["measured"].startswith(f"{pct:.0f}% [{lo:.0f}, {hi:.0f}], 30 prompts (")
 
 
 def test_paired_test_uses_the_same_prompts():
