@@ -37,11 +37,14 @@ def bootstrap_mean(values, reps: int = 2000, level: float = 0.95, seed: int = 0)
         raise ValueError("no values")
     rng = random.Random(seed)
     n = len(values)
-    means = sorted(sum(rng.choices(values, k=n)) / n for _ in range(reps))
+    return percentile_interval([sum(rng.choices(values, k=n)) / n for _ in range(reps)], level)
+
+
+def percentile_interval(draws, level: float = 0.95) -> tuple[float, float]:
+    """The central ``level`` range of bootstrap draws (the percentile method)."""
+    draws = sorted(draws)
     tail = (1 - level) / 2
-    lo = means[int(math.floor(tail * (reps - 1)))]
-    hi = means[int(math.ceil((1 - tail) * (reps - 1)))]
-    return lo, hi
+    return draws[int(math.floor(tail * (len(draws) - 1)))], draws[int(math.ceil((1 - tail) * (len(draws) - 1)))]
 
 
 def binom_two_sided(k: int, n: int) -> float:

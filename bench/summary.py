@@ -63,14 +63,7 @@ def average_interval(per_task: dict[str, list[float]], reps: int = 2000, seed: i
     if len(groups) == 1:  # one task: its own interval (Wilson when 0/1)
         return interval(groups[0])
     rng = random.Random(seed)
-    return _middle95([mean(mean(rng.choices(g, k=len(g))) for g in groups) for _ in range(reps)])
-
-
-def _middle95(draws: list[float]) -> tuple[float, float]:
-    """The 2.5th and 97.5th percentiles of bootstrap draws."""
-    draws = sorted(draws)
-    n = len(draws)
-    return draws[int(0.025 * (n - 1))], draws[int(round(0.975 * (n - 1)))]
+    return stats.percentile_interval([mean(mean(rng.choices(g, k=len(g))) for g in groups) for _ in range(reps)])
 
 
 def percent_of(value: float | None, full: float | None) -> float | None:
@@ -98,7 +91,7 @@ def percent_interval(results, policy: str, budget: int, reps: int = 2000, seed: 
         kept, whole = (mean(mean(x[i] for x in s) for s in sample) for i in (0, 1))
         if whole:
             draws.append(100.0 * kept / whole)
-    return (*_middle95(draws), sum(map(len, pairs.values()))) if draws else None
+    return (*stats.percentile_interval(draws), sum(map(len, pairs.values()))) if draws else None
 
 
 def grid(results, policies, budgets, **where) -> dict[tuple[str, int], float | None]:
