@@ -30,11 +30,15 @@ def _score(r: dict) -> float:
     return float(r["score"]) if r.get("score") is not None else float(bool(r["correct"]))
 
 
+def _matches(result: dict, where: dict) -> bool:
+    return all(result[k] == v for k, v in where.items())
+
+
 def task_scores(results, **where) -> dict[str, list[float]]:
     """Per task, the scores of the results matching ``where`` (e.g. policy=..., budget=...)."""
     out = defaultdict(list)
     for r in results:
-        if all(r[k] == v for k, v in where.items()):
+        if _matches(r, where):
             out[r["task"]].append(_score(r))
     return dict(sorted(out.items()))
 
@@ -77,10 +81,11 @@ def percent_interval(results, policy: str, budget: int, reps: int = 2000, seed: 
                      **where) -> tuple[float, float, int] | None:
     """95% interval of ``policy``@``budget`` as % of full KV's average, and the prompts it rests on:
     a paired bootstrap, each task's prompts resampled with both their scores (compressed, full)."""
+    rows = [r for r in results if _matches(r, where)]
+    full = {r["case"]: _score(r) for r in rows if r["policy"] == FULL}
     pairs = defaultdict(list)
-    full = {r["case"]: _score(r) for r in results if r["policy"] == FULL and all(r[k] == v for k, v in where.items())}
-    for r in results:
-        if key(r) == (policy, budget) and r["case"] in full and all(r[k] == v for k, v in where.items()):
+    for r in rows:
+        if key(r) == (policy, budget) and r["case"] in full:
             pairs[r["task"]].append((_score(r), full[r["case"]]))
     if not pairs:
         return None
