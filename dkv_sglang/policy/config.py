@@ -9,7 +9,7 @@ POLICIES = ("full", "dynamickv", "snapkv", "pyramidkv", "streamingllm")
 POOLINGS = ("avg", "max")
 # How DynamicKV turns each layer's winners of the global top-k into its budget (dynamickv.py):
 # reference = the paper's code; the others are the hypotheses of issue 14, each one change.
-ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks")
+ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks", "contrast")
 SINKS = 4  # attention sinks: the first prompt tokens, which most heads attend to whatever they read
 # How a layer's rows are shared by its KV heads (heads.py): the same count each, or Ada-KV's.
 HEAD_BUDGETS = ("uniform", "adaptive")
@@ -43,7 +43,10 @@ class PolicyConfig:
                      each layer's scores first divided by the layer's total), ``floor``
                      (proportional, every layer keeps at least base // 5, Ada-KV's safeguard),
                      ``sinks`` (the reference, but the first SINKS prompt tokens win no count:
-                     every layer keeps them, and the rest of the budget goes by the count).
+                     every layer keeps them, and the rest of the budget goes by the count),
+                     ``contrast`` (``floor``, each head's scores first divided by its median
+                     row: a layer wins budget for rows that stand out from its own typical
+                     row, not for flat attention whose rows are interchangeable).
     head_budgets:    ``uniform``: every KV head of a layer keeps the layer's count; ``adaptive``:
                      the layer's heads share H x count rows by one top-k (Ada-KV), each head
                      keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv).

@@ -118,13 +118,14 @@ def update_budgets(
         reducer:     the tensor-parallel group (:mod:`.reduce`); ``H`` is then this rank's
                      share of the heads, and the top-k runs over all ranks' heads.
         allocation:  ``reference`` and ``sinks``: c_l = winners_l // L' (the paper's code);
-                     otherwise c_l = winners_l. ``floor`` first gives every seen layer
+                     otherwise c_l = winners_l. ``floor`` and ``contrast`` (whose scores
+                     select divided by each head's median) first give every seen layer
                      base // 5, ``sinks`` SINKS (its sink rows, at -inf here: see select).
 
     Returns:
         budget per seen layer: floor + (base*L - floor*L')*c_l/sum(c) floored, the
         remainder to the last seen layer, then capped at ``cap`` (floor is 0 but for
-        ``floor`` and ``sinks``). The global top-k (k = base * all heads * L') is exact: rows tying its
+        ``floor``, ``contrast`` and ``sinks``). The global top-k (k = base * all heads * L') is exact: rows tying its
         k-th score count for the earliest layers first.
     """
     lp, h, bs = held_scores.shape
@@ -148,7 +149,7 @@ def update_budgets(
     else:  # fewer than k rows held: every held row wins
         counts = reducer.sum(torch.isfinite(masked).sum(dim=(1, 2)))
     c = counts // lp if allocation in ("reference", "sinks") else counts
-    floor = {"floor": base // 5, "sinks": min(SINKS, base)}.get(allocation, 0)
+    floor = {"floor": base // 5, "contrast": base // 5, "sinks": min(SINKS, base)}.get(allocation, 0)
     total = base * num_layers - floor * lp
     if int(c.sum()) == 0:
         budgets = [total // lp] * lp
@@ -187,6 +188,9 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     pooled = torch.stack([pool_scores(s.float().cpu(), cfg.kernel, cfg.pooling) for s in layer_scores])
     if cfg.allocation == "normalized":  # each layer's scores as shares of its own total (all ranks' heads)
         pooled = pooled / reducer.sum(pooled.sum(dim=(1, 2))).clamp_min(1e-30)[:, None, None]
+    elif cfg.allocation == "contrast":  # each head's scores as multiples of its own typical (median) row
+        typical = pooled.median(dim=-1, keepdim=True).values
+        pooled = pooled / torch.maximum(typical, 1e-6 * pooled.mean(dim=-1, keepdim=True)).clamp_min(1e-30)
     bs = min(cfg.rmax * cfg.base, prefix)
     sinks = min(SINKS, bs) if cfg.allocation == "sinks" else 0
     pooled[..., :sinks] = float("inf")  # the sinks first in every head (and in every head's count)

@@ -77,6 +77,25 @@ def test_normalized_allocation_compares_layers_by_their_own_shares():
     assert select(scores, 7, norm).kept_per_layer == [3, 3]
 
 
+def test_contrast_allocation_funds_the_layer_whose_rows_stand_out():
+    # Layer 0 attends flatly (every row about the same), layer 1 to three rows only. In raw mass
+    # the flat layer's rows beat the peaked layer's (1.0-0.95 > 0.945), so it wins the whole count;
+    # divided by each head's median (0.94 and 0.001) the peaked layer's three rows (x ~940) win first.
+    flat = torch.tensor([[1.0 - 0.01 * i for i in range(12)]])
+    peaked = torch.tensor([[0.945, 0.935, 0.925] + [0.001] * 9])
+    cfg = PolicyConfig(policy="dynamickv", budget=4, window=1, kernel=1, rmax=10, update_interval=2,
+                       allocation="proportional", fill_surplus=False)
+    assert select([flat, peaked], 13, cfg).kept_per_layer == [7, 1]  # 6 + the window | the window
+    contrast = select([flat, peaked], 13, PolicyConfig(**{**cfg.__dict__, "allocation": "contrast"}))
+    # k = 6: the peaked layer's 3 rows, then the flat layer's best 3 (1.0/0.94, 0.99/0.94, ...)
+    assert contrast.kept_per_layer == [4, 4]
+    assert contrast.kept[1].tolist() == [[0, 1, 2, 12]]
+    # a head whose median row is 0: its background is 1e-6 of its mean, so its near-zero rows
+    # (1e-9) do not become infinitely contrasted winners (they would take all 6: [1, 7])
+    zeros = torch.tensor([[0.9, 0.8] + [1e-9] * 4 + [0.0] * 6])
+    assert select([flat, zeros], 13, PolicyConfig(**{**cfg.__dict__, "allocation": "contrast"})).kept_per_layer == [5, 3]
+
+
 def test_sinks_allocation_keeps_the_sinks_everywhere_and_counts_the_rest():
     # Layer 0 attends to its sinks (positions 0-3), layer 1 reads positions 4-19 and ignores the sinks.
     l0 = torch.tensor([[10.0] * 4 + [0.1] * 16])

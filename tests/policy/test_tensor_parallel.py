@@ -18,6 +18,7 @@ CASES = [
     PolicyConfig(policy="dynamickv", budget=16, window=8, fill_surplus=False, update_interval=2),
     PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, allocation="normalized"),
     PolicyConfig(policy="dynamickv", budget=40, window=8, rmax=3, allocation="floor"),
+    PolicyConfig(policy="dynamickv", budget=40, window=8, rmax=3, allocation="contrast", head_budgets="adaptive"),
     PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, allocation="sinks", head_budgets="adaptive"),
     PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, head_budgets="adaptive"),
     PolicyConfig(policy="snapkv", budget=24, window=8, head_budgets="adaptive"),
