@@ -152,8 +152,8 @@ def plot(args, s: dict, path: Path) -> Path:
     top.semilogy(layers, [r + 1 for r in s["rank"]], marker="o", color="black")
     top.axhline(budget - args.window, color="grey", ls=":", lw=0.8)
     top.set_ylabel("best needle rank + 1")
-    top.set_title(f"{args.model}, {args.task} at {args.length} tokens: where the needle ranks (dotted: "
-                  f"budget {budget} less the window)")
+    top.set_title(f"{args.model}, {args.task}, {args.length} tokens, {s['with_needle']} prompts\n"
+                  f"where the needle ranks in each layer (dotted: budget {budget} less the window)")
     for label in args.policies:
         bottom.plot(layers, s["kept"][f"{label}@{budget}"], marker=".", label=label)
     bottom.set_ylabel(f"rows per KV head at budget {budget}")
