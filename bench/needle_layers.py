@@ -33,22 +33,22 @@ from dkv_sglang.policy.request import for_request
 from dkv_sglang.policy.scoring import pool_scores
 
 from .presets import LABELS, custom_params
+from .ruler import RESULTS, TASKS, ensure_punkt, load_tasks
 
-ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results"
 LABELS_DEFAULT = ("snapkv", "dynamickv", "dynamickv:reference", "dynamickv:contrast")
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2")
-    p.add_argument("--task", default="niah_single_1", help="a RULER task of bench.ruler (default niah_single_1)")
+    p.add_argument("--task", default="niah_single_1", choices=TASKS, help="a RULER task of bench.ruler")
     p.add_argument("--length", type=int, default=4096, help="RULER sequence length in tokens")
     p.add_argument("--limit", type=int, default=15, help="prompts (the first N lm-eval builds)")
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256])
     p.add_argument("--policies", nargs="+", choices=LABELS, default=list(LABELS_DEFAULT), metavar="POLICY")
     p.add_argument("--window", type=int, default=PolicyConfig.window, help="the server's --kv-window")
     args = p.parse_args(argv)
+    args.detail_budget = args.budgets[len(args.budgets) // 2]  # the budget of the per-layer table and plot
     if min(args.budgets) <= args.window:
         p.error(f"--budgets: every budget must exceed --window {args.window}")
     return args
@@ -134,8 +134,8 @@ def markdown(args, s: dict) -> str:
         cells = [f"{100 * statistics.mean(s['needle_kept'][f'{label}@{b}']):.0f}%" for b in args.budgets]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", f"Per layer (needle rank: median over prompts of the best needle token's rank; rows kept per "
-              f"KV head and needle share kept at budget {args.budgets[len(args.budgets) // 2]}):", ""]
-    mid = [k for k in keys if k.endswith(f"@{args.budgets[len(args.budgets) // 2]}")]
+              f"KV head and needle share kept at budget {args.detail_budget}):", ""]
+    mid = [k for k in keys if k.endswith(f"@{args.detail_budget}")]
     lines += ["| layer | needle rank | median score | " + " | ".join(mid) + " |", "|---|---|---|" + "---|" * len(mid)]
     for layer, rank in enumerate(s["rank"]):
         cells = [f"{s['kept'][k][layer]:.0f} ({100 * s['needle_kept'][k][layer]:.0f}%)" for k in mid]
@@ -146,7 +146,7 @@ def markdown(args, s: dict) -> str:
 def plot(args, s: dict, path: Path) -> Path:
     from .plots import plt
 
-    budget = args.budgets[len(args.budgets) // 2]
+    budget = args.detail_budget
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     layers = range(len(s["rank"]))
     top.semilogy(layers, [r + 1 for r in s["rank"]], marker="o", color="black")
@@ -170,8 +170,6 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from runtime.prepare_model import prepare
-
-    from .ruler import ensure_punkt, load_tasks
 
     args = parse(argv)
     model_dir = prepare(args.model)
