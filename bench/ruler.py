@@ -74,6 +74,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2")
     p.add_argument("--tasks", nargs="+", choices=TASKS)
     p.add_argument("--limit", type=int, help="prompts per task (the first N lm-eval builds)")
+    p.add_argument("--first-prompt", type=int, default=0, metavar="N",
+                   help="start at lm-eval's prompt N of each task (default 0): --first-prompt 15 --limit 15 "
+                        "asks prompts 15-29, held out from a run that used 0-14")
     p.add_argument("--lengths", nargs="+", type=int, help="RULER sequence lengths in tokens")
     p.add_argument("--budgets", nargs="+", type=int, default=list(BUDGETS))
     p.add_argument("--policies", nargs="+", choices=LABELS, default=list(POLICIES), metavar="POLICY",
@@ -83,6 +86,8 @@ def parse(argv=None) -> argparse.Namespace:
                    "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
     p.add_argument("--name", help="results file stem (default ruler-<preset>-<model>)")
     args = p.parse_args(argv)
+    if args.first_prompt < 0:
+        p.error(f"--first-prompt: {args.first_prompt} is negative")
     args.preset = apply_preset(args, PRESETS)
     args.name = args.name or f"ruler-{args.preset}-{args.model}"
     return args
@@ -178,11 +183,12 @@ def load_tasks(task_names, lengths, model_dir: Path, limit: int):
     return TaskManager(include_path=str(TASK_DIR), metadata=metadata).load(list(task_names))
 
 
-def chunks(limit: int, pool_tokens: int, max_length: int, most: int = IN_FLIGHT) -> list[list[int]]:
-    """Document ids 0..limit-1 in groups whose prompts the KV pool holds all at once (so every
-    pass after full KV's finds them in the prefix cache), at most ``most`` (one batch) each."""
+def chunks(first: int, limit: int, pool_tokens: int, max_length: int, most: int = IN_FLIGHT) -> list[list[int]]:
+    """Document ids first..first+limit-1 in groups whose prompts the KV pool holds all at once (so
+    every pass after full KV's finds them in the prefix cache), at most ``most`` (one batch) each."""
     size = max(1, min(most, pool_tokens // (max_length + 512)))
-    return [list(range(i, min(i + size, limit))) for i in range(0, limit, size)]
+    end = first + limit
+    return [list(range(i, min(i + size, end))) for i in range(first, end, size)]
 
 
 def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict]:
@@ -194,11 +200,11 @@ def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict
     ensure_punkt()
     lm = make_lm(url, model_dir, max(args.lengths) + 512)
     passes = configs(args.policies, args.budgets)
-    groups = chunks(args.limit, args.max_total_tokens, max(args.lengths))
+    groups = chunks(args.first_prompt, args.limit, args.max_total_tokens, max(args.lengths))
     results = []
     with tqdm(total=len(args.tasks) * args.limit * len(passes), desc="prompts x passes", unit="req") as bar:
         for name in args.tasks:
-            task_dict = load_tasks([name], args.lengths, model_dir, args.limit)
+            task_dict = load_tasks([name], args.lengths, model_dir, args.first_prompt + args.limit)
             ((key, task),) = task_dict["tasks"].items()
             for ids in groups:
                 for policy, budget in passes:

@@ -44,6 +44,16 @@ def test_presets():
     assert set(ruler.PRESETS["full"]["tasks"]) == set(ruler.TASKS)
 
 
+def test_first_prompt_asks_a_held_out_range_in_pool_sized_groups():
+    first = ruler.chunks(0, 15, pool_tokens=72000, max_length=4096, most=16)
+    held_out = ruler.chunks(15, 15, pool_tokens=72000, max_length=4096, most=16)
+    assert sum(first, []) == list(range(15)) and sum(held_out, []) == list(range(15, 30))
+    assert max(len(g) for g in held_out) == 72000 // (4096 + 512)  # the pool, not the batch, binds here
+    assert ruler.parse(["--quick", "--first-prompt", "15"]).first_prompt == 15
+    with pytest.raises(SystemExit):
+        ruler.parse(["--first-prompt", "-1"])
+
+
 def test_essay_task_files_match_the_table():
     names = {p.stem.removeprefix("essay_") for p in ruler.TASK_DIR.glob("essay_*.yaml")}
     assert names == set(ruler.ESSAY_TASKS)
