@@ -201,7 +201,7 @@ def _result(request, reply, recent) -> dict:
            "seed": case.seed, "policy": policy, "budget": budget, "prompt_tokens": meta["prompt_tokens"],
            "cached_tokens": meta.get("cached_tokens"), "reply": text, "answers": list(case.answers),
            "score": score, "correct": score == 1.0, "answer_first": tasks.answer_first(case, text),
-           "kept_per_layer": kept, "kept_per_head": entry.get("kept_per_head")}
+           "kept_per_layer": kept, "kept_per_head": entry.get("kv_kept_per_head")}
     if case.task == "continuation":
         out["output_ids"] = list(reply.get("output_ids") or [])
     return out

@@ -253,7 +253,7 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
                 "rid": rid,
                 "prompt_tokens": selection.prompt_len,
                 "kept_per_layer": selection.kept_per_layer,
-                "kept_per_head": selection.kept_per_head,
+                "kv_kept_per_head": selection.kept_per_head,
                 "rows_freed": freed,
                 "replayed": replayed,
             }

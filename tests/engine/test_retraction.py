@@ -66,9 +66,9 @@ def test_replays_keep_the_first_selection_and_nothing_leaks(runs):
     (_, rids, stats), (_, rids_roomy, stats_roomy) = runs
     first = {}
     for r in stats["recent"]:
-        first.setdefault(r["rid"], r["kept_per_head"])
-        assert r["kept_per_head"] == first[r["rid"]]
+        first.setdefault(r["rid"], r["kv_kept_per_head"])
+        assert r["kv_kept_per_head"] == first[r["rid"]]
         assert sum(r["kept_per_layer"]) == BUDGET * TINY_LAYERS
-    roomy = {r["rid"]: r["kept_per_head"] for r in stats_roomy["recent"]}
+    roomy = {r["rid"]: r["kv_kept_per_head"] for r in stats_roomy["recent"]}
     assert [first[r] for r in rids] == [roomy[r] for r in rids_roomy]
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]

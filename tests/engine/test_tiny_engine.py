@@ -106,16 +106,16 @@ def test_adaptive_head_budgets_hold_unequal_heads_in_memory(adaptive_small, full
     L, H = TINY_LAYERS, stats["kv_heads"]
     assert stats["config"]["head_budgets"] == "adaptive" and H > 1
     for r in stats["recent"]:
-        per_head = r["kept_per_head"]
+        per_head = r["kv_kept_per_head"]
         assert len(per_head) == L and all(len(layer) == H for layer in per_head)
         assert [sum(layer) for layer in per_head] == [H * k for k in r["kept_per_layer"]]
         assert sum(r["kept_per_layer"]) == SMALL * L
         assert r["rows_freed"] == r["prompt_tokens"] * L - SMALL * L  # counted from the row table
-    assert any(len(set(layer)) > 1 for r in stats["recent"] for layer in r["kept_per_head"]), "heads differ"
+    assert any(len(set(layer)) > 1 for r in stats["recent"] for layer in r["kv_kept_per_head"]), "heads differ"
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
     assert run["batched"] == run["alone"]
-    batched = {r["prompt_tokens"]: r["kept_per_head"] for r in run["stats_batched"]["recent"]}
-    alone = {r["prompt_tokens"]: r["kept_per_head"] for r in stats["recent"][len(batched):]}
+    batched = {r["prompt_tokens"]: r["kv_kept_per_head"] for r in run["stats_batched"]["recent"]}
+    alone = {r["prompt_tokens"]: r["kv_kept_per_head"] for r in stats["recent"][len(batched):]}
     assert batched == alone
     assert run["alone"] != full["alone"]
 
