@@ -36,7 +36,7 @@ class PolicyConfig:
     fill_surplus:    hand budget that a layer cannot use (capped by its held rows or the
                      prompt) to layers with room. False gives the reference's unique rows.
     allocation:      DynamicKV's layer budgets from the global top-k's winners (default
-                     ``floor``: the one never below SnapKV on both models measured, README
+                     ``contrast``: chosen by docs/decisions.md's rule on held-out prompts, README
                      "Allocations"): ``reference``
                      (the paper: c_l = winners_l // L', so at small budgets most layers round
                      to 0), ``proportional`` (c_l = winners_l), ``normalized`` (proportional,
@@ -60,7 +60,7 @@ class PolicyConfig:
     rmax: int = 10
     update_interval: int = 4
     fill_surplus: bool = True
-    allocation: str = "floor"
+    allocation: str = "contrast"
     head_budgets: str = "uniform"
 
     def __post_init__(self):

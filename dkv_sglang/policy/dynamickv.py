@@ -16,8 +16,9 @@ which prompt tokens every (layer, KV head) keeps. The steps follow the paper's r
 Our changes to the reference, each deliberate:
 - one request at a time, so budgets never depend on the rest of the batch;
 - rows per KV head (scores of a query group combined), not per query head;
-- the default ``--kv-allocation`` is ``floor``, not the paper's ``reference`` (step 3 with
-  every layer first given base // 5: issue 14's measurements, README "Allocations");
+- the default ``--kv-allocation`` is ``contrast``, not the paper's ``reference`` (step 3 with
+  each head's scores divided by its median row and every layer first given base // 5: issue
+  14's measurements, README "Allocations");
 - ``fill_surplus``: budget a layer cannot use (cut earlier, or capped by ``n - ws``) goes to
   layers with room instead of being dropped or padded with duplicate window rows, so every
   compressed request keeps exactly ``budget * L`` rows.
