@@ -50,7 +50,8 @@ def test_adaptive_counts_properties(heads, per_head, extra, seed):
 
 # (policy, allocation, the head that gets the most rows): on raw scores the head that spreads its
 # attention has the most high rows; ``contrast`` counts each row against its head's own median,
-# so the head whose few rows stand far above the rest wins instead.
+# so the head whose few rows stand far above the rest wins instead (only dynamickv reads the
+# allocation).
 @pytest.mark.parametrize("policy, allocation, favoured", [
     ("dynamickv", "floor", 2), ("dynamickv", "contrast", 0), ("snapkv", "floor", 2), ("pyramidkv", "floor", 2)])
 def test_adaptive_heads_keep_the_same_total_in_unequal_heads(policy, allocation, favoured):
