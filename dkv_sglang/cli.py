@@ -28,7 +28,7 @@ FLAGS = {
     "--kv-rmax": ("rmax", int, "DynamicKV r_max: rows a layer holds before its budget is fixed, x base"),
     "--kv-update-interval": ("update_interval", int, "DynamicKV m: re-decide budgets every m layers"),
     "--kv-allocation": ("allocation", str, (f"DynamicKV's layer budgets from the global top-k: {', '.join(ALLOCATIONS)} "
-                                            "(default contrast; reference = the paper's; README 'Allocations')")),
+                                            f"(default {PolicyConfig.allocation}; reference = the paper's; README 'Allocations')")),
     "--kv-head-budgets": ("head_budgets", str, (f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
                                                 "(adaptive = Ada-KV: one top-k over the layer's heads; "
                                                 "dynamickv, snapkv, pyramidkv)")),
