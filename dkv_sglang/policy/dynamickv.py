@@ -34,7 +34,7 @@ import torch
 from .config import SINKS, PolicyConfig
 from .heads import adaptive_counts, ragged_kept
 from .reduce import LOCAL
-from .scoring import pool_scores
+from .scoring import pool_scores, typical_row
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ def selection(prompt_len: int, kept: list[torch.Tensor], counts: torch.Tensor | 
 def layer_kept(ranked: torch.Tensor, order: torch.Tensor, per_head: int, n: int, cfg: PolicyConfig,
                reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's kept positions [H, w] and rows per head [H] (window included), from each
-    head's candidates best first (``ranked`` scores, ``order`` positions, [H, m]): the first
-    ``per_head`` of every head, or with adaptive head budgets each head's own count."""
+    head's candidates best first (``ranked`` scores relative to the head's typical row, ``order``
+    positions, [H, m]): the first ``per_head`` of every head, or with adaptive head budgets each
+    head's own count (:mod:`.heads`)."""
     heads = order.shape[0]
     if cfg.head_budgets == "adaptive":
         counts = adaptive_counts(ranked, per_head, reducer)
@@ -190,8 +191,8 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
     if cfg.allocation == "normalized":  # each layer's scores as shares of its own total (all ranks' heads)
         pooled = pooled / reducer.sum(pooled.sum(dim=(1, 2))).clamp_min(1e-30)[:, None, None]
     elif cfg.allocation == "contrast":  # each head's scores as multiples of its own typical (median) row
-        typical = pooled.median(dim=-1, keepdim=True).values
-        pooled = pooled / torch.maximum(typical, 1e-6 * pooled.mean(dim=-1, keepdim=True)).clamp_min(1e-30)
+        pooled = pooled / typical_row(pooled)
+    typical = typical_row(pooled)  # heads compete for a layer's rows on their contrast (1 for contrast)
     bs = min(cfg.rmax * cfg.base, prefix)
     sinks = min(SINKS, bs) if cfg.allocation == "sinks" else 0
     pooled[..., :sinks] = float("inf")  # the sinks first in every head (and in every head's count)
@@ -212,5 +213,6 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
             held[layer] = min(held[layer], budgets[layer])
 
     counts = fill_surplus(held, budgets, bs, cfg.base * num_layers) if cfg.fill_surplus else held
-    layers = [layer_kept(held_scores[layer], order[layer], counts[layer], n, cfg, reducer) for layer in range(num_layers)]
+    layers = [layer_kept(held_scores[layer] / typical[layer], order[layer], counts[layer], n, cfg, reducer)
+              for layer in range(num_layers)]
     return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)

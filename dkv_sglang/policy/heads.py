@@ -7,8 +7,12 @@ rest go to one top-k over all heads' remaining scores, so a head whose attention
 more rows than a head that looks at a few tokens. The layer's total, and so the request's, is
 unchanged: the budgets still sum to ``budget x L x H``.
 
-Scores of different heads are comparable: each is the attention mass of the same window queries
-(a softmax per query head, averaged over the query group).
+Heads compete on contrast, not raw mass: each head's scores divided by its own typical (median)
+row (:func:`.scoring.typical_row`; the callers divide). On raw mass (Ada-KV's choice), a head that
+pours its window's attention into a sink leaves its other rows tiny and loses them to heads that
+spread theirs; on SmolLM2 that left SnapKV+adaptive copying only the first digits of a 7-digit
+needle, in the server and in a transformers reference with the same keep mask alike (docs/
+decisions.md, stop 25). Dividing by a per-head factor leaves each head's own order unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ def adaptive_counts(ranked: torch.Tensor, per_head: int, reducer=LOCAL) -> torch
     """Rows each head of one layer keeps when its heads share ``H x per_head``.
 
     Args:
-        ranked:   [H, m] each head's candidate scores, sorted descending (m >= per_head).
+        ranked:   [H, m] each head's candidate scores relative to its typical row, sorted
+                  descending (m >= per_head).
         per_head: the uniform count.
         reducer:  the tensor-parallel group: ``H`` is this rank's share of the heads, and the
                   top-k runs over all ranks' heads.

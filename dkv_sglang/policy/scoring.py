@@ -56,3 +56,16 @@ def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor
     else:
         raise ValueError(f"unknown pooling {pooling!r}")
     return y.reshape(shape)
+
+
+def typical_row(pooled: torch.Tensor) -> torch.Tensor:
+    """[..., 1] each head's typical (median) score over the last axis, floored at 1e-6 of its
+    mean (and above 0), so a head whose median row is 0 still divides by something.
+
+    Raw window mass is not comparable across heads: a head that pours its attention into a few
+    tokens (a sink) leaves its other rows tiny, however far they stand above the rest of that
+    head. Divided by it, a row scores how far it stands above its own head's background (the
+    ``contrast`` allocation, and how heads compete under adaptive head budgets).
+    """
+    typical = pooled.median(dim=-1, keepdim=True).values
+    return torch.maximum(typical, 1e-6 * pooled.mean(dim=-1, keepdim=True)).clamp_min(1e-30)

@@ -78,3 +78,22 @@ def test_essay_arguments_are_lm_evals_own():
             assert want in src, (task, want)
         for key in ("num_needle_k", "num_needle_v", "num_needle_q"):
             assert (key in src) == (key in kwargs), (task, key)
+
+
+def test_prompts_are_the_same_in_every_run():
+    """lm-eval's RULER generator draws from Python's global random: load_tasks seeds it, so
+    whatever ran before, the same request for prompts gives the same prompts."""
+    import random
+
+    from runtime.prepare_model import prepare
+
+    ruler.ensure_punkt()
+
+    def answers():
+        random.random()  # what ran before must not matter
+        ((_, task),) = ruler.load_tasks(["niah_single_1"], [1024], prepare("smollm2"), 3)["tasks"].items()
+        return [doc["outputs"] for doc in list(task.eval_docs)[:3]]
+
+    first = answers()
+    random.seed(12345)
+    assert answers() == first and len(first) == 3
