@@ -88,6 +88,19 @@ def test_a_sink_head_keeps_rows_that_stand_out_from_its_own_background(policy):
     assert mask[:, 0, 0].all() and int(mask.sum()) == budget * 2 * 2
 
 
+@pytest.mark.parametrize("policy, allocation", [("snapkv", "floor"), ("pyramidkv", "floor"), ("dynamickv", "contrast")])
+def test_adaptive_heads_ignore_how_loud_each_head_is(policy, allocation):
+    # Scaling one head's scores (by powers of two, exact in floats) changes no head's contrast, so
+    # it changes nothing kept; on raw mass the loud head would take the quiet ones' rows.
+    g = torch.Generator().manual_seed(5)
+    scores = [torch.rand(3, 150, generator=g).pow(3) for _ in range(4)]
+    loud = [s * torch.tensor([[2.0**10], [1.0], [2.0**-10]]) for s in scores]
+    cfg = PolicyConfig(policy=policy, budget=30, allocation=allocation, head_budgets="adaptive")
+    sel = select(scores, 158, cfg)
+    assert torch.equal(sel.keep_mask(), select(loud, 158, cfg).keep_mask())
+    assert len(set(sel.counts[:, 0].tolist() + sel.counts[:, 2].tolist())) > 1, "heads keep unequal rows"
+
+
 def test_streamingllm_ignores_head_budgets():
     scores = [torch.rand(2, 90)] * 3
     a = select(scores, 98, PolicyConfig(policy="streamingllm", budget=24, head_budgets="adaptive"))
