@@ -4,6 +4,7 @@ driven by SGLang's own load generator (``sglang.benchmark.serving``, see ``bench
     python -m bench.throughput --quick                # about 11 minutes on 2 CPU cores
     python -m bench.throughput --decode-table         # decode step, full vs dynamickv, batch 1/8/32
     python -m bench.throughput --decode-table --model-path models/smollm2 --dtype bfloat16
+    python -m bench.throughput --decode-table --adaptive-heads   # also dynamickv-128 with adaptive head budgets
     python -m bench.throughput --preset gpu --model-path /models/Llama-3.1-8B-Instruct
 
 The throughput runs (``--quick``: a random 6-layer Llama built locally, hidden 128, 8 query /
@@ -77,6 +78,7 @@ DECODE_LENGTHS = (256, 1000, 4000, 8000)
 DECODE_BATCHES = (1, 8, 32)
 DECODE_BUDGET = 128
 DECODE_OUTPUT = 32
+DECODE_LABELS = ("full", "dynamickv")  # the decode table's servers; --adaptive-heads adds dynamickv+adaptive
 
 
 def bench_model(layers: int = 6, hidden: int = 128) -> str:
@@ -89,12 +91,14 @@ def bench_model(layers: int = 6, hidden: int = 128) -> str:
 
 
 def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool,
-                overlap: bool = True) -> list[str]:
+                overlap: bool = True, head_budgets: str = "uniform") -> list[str]:
     """``cache``/``overlap`` False turn that default off (overlap matters to full KV only: a
     compressing server turns it off itself)."""
     args = ["--model-path", model, "--dtype", dtype, "--kv-policy", policy, *COMMON_ARGS]
     if policy != "full":
         args += ["--kv-budget", str(budget)]
+    if head_budgets != "uniform":
+        args += ["--kv-head-budgets", head_budgets]
     if pool_tokens is not None:
         args += ["--max-total-tokens", str(pool_tokens)]
     if not cache:
@@ -308,15 +312,20 @@ def throughput(p: Preset, model: str, out: Path) -> dict:
     return res
 
 
-def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches) -> dict:
-    """Decode step (ms) while every request of a batch decodes, full KV vs DynamicKV-128, one
-    server per policy with a pool that fits the largest batch of the longest prompts whole."""
+def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches, adaptive: bool = False) -> dict:
+    """Decode step (ms) while every request of a batch decodes, full KV vs DynamicKV-128 (and,
+    with ``adaptive``, DynamicKV-128 with adaptive head budgets), one server per policy with a
+    pool that fits the largest batch of the longest prompts whole."""
     pool = max(batches) * (max(lengths) + DECODE_OUTPUT) + 1024
     logs = out / f"decode-{name}-logs"
-    res = {"model": model, "dtype": dtype, "budget": DECODE_BUDGET, "output_len": DECODE_OUTPUT, "cells": {}}
-    bar = tqdm(total=2 * len(lengths) * len(batches), desc="decode cells", unit="cell")
-    for policy in ("full", "dynamickv"):
-        with Server(server_args(model, dtype, policy, DECODE_BUDGET, pool, True), logs / f"{policy}.log") as url:
+    labels = DECODE_LABELS + (("dynamickv+adaptive",) if adaptive else ())
+    res = {"model": model, "dtype": dtype, "budget": DECODE_BUDGET, "output_len": DECODE_OUTPUT, "labels": labels,
+           "cells": {}}
+    bar = tqdm(total=len(labels) * len(lengths) * len(batches), desc="decode cells", unit="cell")
+    for policy in labels:
+        kv_policy, _, heads = policy.partition("+")
+        args = server_args(model, dtype, kv_policy, DECODE_BUDGET, pool, True, head_budgets=heads or "uniform")
+        with Server(args, logs / f"{policy}.log") as url:
             warm_up(url)
             for n in lengths:
                 for b in batches:
@@ -346,6 +355,9 @@ def decode_targets(res: dict) -> list[dict]:
         (f"dynamickv-{res['budget']}, 8k / 1k-token prompts, batch 8", ("dynamickv", 8000, 8), ("dynamickv", 1000, 8), 1.1),
         (f"dynamickv-{res['budget']} at 4k / full KV at 256-token prompts, batch 1", ("dynamickv", 4000, 1), ("full", 256, 1), 1.05),
         (f"dynamickv-{res['budget']} / full KV, 4k-token prompts, batch 8", ("dynamickv", 4000, 8), ("full", 4000, 8), 0.14),
+        # docs/decisions.md, "Next": adaptive head budgets as the default cost at most 1.15x
+        *((f"dynamickv-{res['budget']} adaptive / uniform head budgets, 4k-token prompts, batch {b}",
+           ("dynamickv+adaptive", 4000, b), ("dynamickv", 4000, b), 1.15) for b in (8, 32)),
     ]
     out = []
     for name, num, den, bound in wanted:
@@ -356,14 +368,23 @@ def decode_targets(res: dict) -> list[dict]:
 
 
 def decode_markdown(res: dict, lengths, batches) -> str:
+    labels = res.get("labels", DECODE_LABELS)
+    extra = [label for label in labels if label not in DECODE_LABELS]  # each also as a ratio to dynamickv
     lines = [f"Decode step (ms, median while all requests decode), `{Path(res['model']).name}` {res['dtype']}, "
-             f"full KV vs dynamickv-{res['budget']}:", "",
-             "| prompt tokens | batch | full | dynamickv | dynamickv / full |", "|---|---|---|---|---|"]
+             f"full KV vs {' vs '.join(labels[1:])} at budget {res['budget']}:", "",
+             "| prompt tokens | batch | " + " | ".join(labels) + " | dynamickv / full | "
+             + "".join(f"{label} / dynamickv | " for label in extra),
+             "|---|---|" + "---|" * (len(labels) + 1 + len(extra))]
+
+    def ratio(a, b):
+        return f"{a / b:.2f}x" if a and b else "-"
+
     for n in lengths:
         for b in batches:
-            f, d = res["cells"][f"full/{n}/{b}"]["decode_step_ms"], res["cells"][f"dynamickv/{n}/{b}"]["decode_step_ms"]
-            r = f"{d / f:.2f}x" if f and d else "-"
-            lines.append(f"| {n} | {b} | {f or float('nan'):.1f} | {d or float('nan'):.1f} | {r} |")
+            ms = {label: res["cells"][f"{label}/{n}/{b}"]["decode_step_ms"] for label in labels}
+            cells = [f"{ms[label] or float('nan'):.1f}" for label in labels]
+            cells += [ratio(ms["dynamickv"], ms["full"])] + [ratio(ms[label], ms["dynamickv"]) for label in extra]
+            lines.append(f"| {n} | {b} | " + " | ".join(cells) + " |")
     if res.get("targets"):
         lines += ["", "| target | measured | pass |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']}x | {'yes' if t['pass'] else 'NO'} |" for t in res["targets"]]
@@ -382,13 +403,17 @@ def main(argv=None) -> int:
                     help="time decode steps at equal batch instead (full vs dynamickv-128)")
     ap.add_argument("--lengths", type=int, nargs="+", default=DECODE_LENGTHS, help="decode table: prompt lengths")
     ap.add_argument("--batches", type=int, nargs="+", default=DECODE_BATCHES, help="decode table: batch sizes")
+    ap.add_argument("--adaptive-heads", action="store_true",
+                    help="decode table: also time dynamickv-128 with --kv-head-budgets adaptive (a third server)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     a = ap.parse_args(argv)
+    if a.adaptive_heads and not a.decode_table:
+        ap.error("--adaptive-heads: only with --decode-table")
     a.out.mkdir(parents=True, exist_ok=True)
     model = a.model_path or bench_model()
     if a.decode_table:
         name = Path(model).name
-        decode_table(model, a.dtype or "float32", name, a.out, a.lengths, a.batches)
+        decode_table(model, a.dtype or "float32", name, a.out, a.lengths, a.batches, a.adaptive_heads)
         return 0
     p = PRESETS["quick" if a.quick else a.preset]
     if a.num_prompts:

@@ -51,3 +51,33 @@ def test_decode_targets_are_ratios_of_the_cells_that_exist():
         "dynamickv-128 at 4k / full KV at 256-token prompts, batch 1 <= 1.05x": (1.129, False),
         "dynamickv-128 / full KV, 4k-token prompts, batch 8 <= 0.14x": (0.14, True),
     }  # batch 8 at 8k has no step (never all decoding at once): no row rather than a made-up one
+
+
+def test_decode_table_with_adaptive_heads_adds_a_column_a_ratio_and_its_target():
+    from bench.throughput import decode_markdown, decode_targets, server_args
+
+    labels = ("full", "dynamickv", "dynamickv+adaptive")
+    ms = {"full": 100.0, "dynamickv": 20.0, "dynamickv+adaptive": 25.0}
+    cells = {f"{label}/4000/{b}": {"decode_step_ms": ms[label] * b / 8} for label in labels for b in (8, 32)}
+    res = {"model": "m", "dtype": "float32", "budget": 128, "labels": labels, "cells": cells}
+    got = {t["target"]: (t["value"], t["pass"]) for t in decode_targets(res)}
+    assert got["dynamickv-128 adaptive / uniform head budgets, 4k-token prompts, batch 32 <= 1.15x"] == (1.25, False)
+    table = decode_markdown(res, [4000], [8, 32])
+    assert "| full | dynamickv | dynamickv+adaptive | dynamickv / full | dynamickv+adaptive / dynamickv |" in table
+    assert "| 4000 | 8 | 100.0 | 20.0 | 25.0 | 0.20x | 1.25x |" in table
+    # without the third server: the two-column table of before, and no adaptive target
+    two = {k: v for k, v in cells.items() if not k.startswith("dynamickv+adaptive")}
+    plain = {"model": "m", "dtype": "float32", "budget": 128, "cells": two}
+    assert "| 4000 | 32 | 400.0 | 80.0 | 0.20x |" in decode_markdown(plain, [4000], [8, 32])
+    assert not [t for t in decode_targets(plain) if "adaptive" in t["target"]]
+    args = server_args("m", "float32", "dynamickv", 128, None, True, head_budgets="adaptive")
+    assert args[args.index("--kv-head-budgets") + 1] == "adaptive"
+    assert "--kv-head-budgets" not in server_args("m", "float32", "dynamickv", 128, None, True)
+
+
+def test_adaptive_heads_flag_needs_the_decode_table(capsys):
+    from bench.throughput import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--adaptive-heads"])
+    assert e.value.code == 2 and "--adaptive-heads" in capsys.readouterr().err
