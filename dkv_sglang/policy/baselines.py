@@ -30,7 +30,7 @@ def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig, 
     for scores, k in zip(layer_scores, counts):
         pooled = pool_scores(scores.float().cpu(), cfg.kernel, cfg.pooling)
         ranked, order = pooled.sort(dim=-1, descending=True, stable=True)  # ties: earlier position first
-        layers.append(layer_kept(ranked / typical_row(pooled), order, k, n, cfg, reducer))
+        layers.append(layer_kept(ranked, order, typical_row(pooled), k, n, cfg, reducer))
     return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)
 
 

@@ -8,7 +8,7 @@ more rows than a head that looks at a few tokens. The layer's total, and so the 
 unchanged: the budgets still sum to ``budget x L x H``.
 
 Heads compete on contrast, not raw mass: each head's scores divided by its own typical (median)
-row (:func:`.scoring.typical_row`; the callers divide). On raw mass (Ada-KV's choice), a head that
+row (:func:`.scoring.typical_row`; :func:`.dynamickv.layer_kept` divides). On raw mass (Ada-KV's choice), a head that
 pours its window's attention into a sink leaves its other rows tiny and loses them to heads that
 spread theirs; on SmolLM2 that left SnapKV+adaptive copying only the first digits of a 7-digit
 needle, in the server and in a transformers reference with the same keep mask alike (docs/
