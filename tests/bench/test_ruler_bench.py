@@ -82,10 +82,14 @@ def test_essay_arguments_are_lm_evals_own():
 
 def test_prompts_are_the_same_in_every_run():
     """lm-eval's RULER generator draws from Python's global random: load_tasks seeds it, so
-    whatever ran before, the same request for prompts gives the same prompts."""
+    whatever ran before, the same request for prompts gives the same prompts. (lm-eval, nltk and
+    wonderwords are benchmark-only, runtime/requirements-bench.txt: skipped where they are not.)"""
     import random
 
     from runtime.prepare_model import prepare
+
+    for module in ("lm_eval.tasks.ruler.prepare_niah", "nltk", "wonderwords"):
+        pytest.importorskip(module)
 
     ruler.ensure_punkt()
 
