@@ -62,6 +62,7 @@ def test_decode_table_with_adaptive_heads_adds_a_column_a_ratio_and_its_target()
     res = {"model": "m", "dtype": "float32", "budget": 128, "labels": labels, "cells": cells}
     got = {t["target"]: (t["value"], t["pass"]) for t in decode_targets(res)}
     assert got["dynamickv-128 adaptive / uniform head budgets, 4k-token prompts, batch 32 <= 1.15x"] == (1.25, False)
+    res["targets"] = decode_targets(res)
     table = decode_markdown(res, [4000], [8, 32])
     assert "| full | dynamickv | dynamickv+adaptive | dynamickv / full | dynamickv+adaptive / dynamickv |" in table
     assert "| 4000 | 8 | 100.0 | 20.0 | 25.0 | 0.20x | 1.25x |" in table
@@ -70,6 +71,12 @@ def test_decode_table_with_adaptive_heads_adds_a_column_a_ratio_and_its_target()
     plain = {"model": "m", "dtype": "float32", "budget": 128, "cells": two}
     assert "| 4000 | 32 | 400.0 | 80.0 | 0.20x |" in decode_markdown(plain, [4000], [8, 32])
     assert not [t for t in decode_targets(plain) if "adaptive" in t["target"]]
+    assert "No target was checked" not in table
+    # cells at lengths no target reads (4096, not 4000): the table says no target was checked
+    odd = {k.replace("/4000/", "/4096/"): v for k, v in cells.items()}
+    res_odd = {**res, "cells": odd}
+    res_odd["targets"] = decode_targets(res_odd)
+    assert res_odd["targets"] == [] and "No target was checked" in decode_markdown(res_odd, [4096], [8, 32])
     args = server_args("m", "float32", "dynamickv", 128, None, True, head_budgets="adaptive")
     assert args[args.index("--kv-head-budgets") + 1] == "adaptive"
     assert "--kv-head-budgets" not in server_args("m", "float32", "dynamickv", 128, None, True)
