@@ -355,7 +355,7 @@ def decode_targets(res: dict) -> list[dict]:
         (f"dynamickv-{res['budget']}, 8k / 1k-token prompts, batch 8", ("dynamickv", 8000, 8), ("dynamickv", 1000, 8), 1.1),
         (f"dynamickv-{res['budget']} at 4k / full KV at 256-token prompts, batch 1", ("dynamickv", 4000, 1), ("full", 256, 1), 1.05),
         (f"dynamickv-{res['budget']} / full KV, 4k-token prompts, batch 8", ("dynamickv", 4000, 8), ("full", 4000, 8), 0.14),
-        # docs/decisions.md, "Next": adaptive head budgets as the default cost at most 1.15x
+        # docs/decisions.md, "Adaptive head budgets as dynamickv's default?": at most 1.15x
         *((f"dynamickv-{res['budget']} adaptive / uniform head budgets, 4k-token prompts, batch {b}",
            ("dynamickv+adaptive", 4000, b), ("dynamickv", 4000, b), 1.15) for b in (8, 32)),
     ]
