@@ -119,6 +119,23 @@ def paired(results, first: str, second: str, budget: int, task: str | None = Non
     return stats.Paired(len(common), better, worse, stats.binom_two_sided(better, better + worse))
 
 
+def paired_interval(results, first: str, second: str, budget: int, reps: int = 2000,
+                    seed: int = 0) -> tuple[float, float, float] | None:
+    """``first`` minus ``second`` as the mean over tasks of per-prompt differences, with a 95%
+    stratified bootstrap interval (prompts resampled within each task, on the prompts both
+    answered). Unlike the sign test it weighs how far a partial score moved. None: no prompt."""
+    diffs = []
+    for task in sorted({r["task"] for r in results if key(r) == (first, budget)}):
+        a, b = by_prompt(results, first, budget, task), by_prompt(results, second, budget, task)
+        if common := sorted(set(a) & set(b)):
+            diffs.append([a[k] - b[k] for k in common])
+    if not diffs:
+        return None
+    rng = random.Random(seed)
+    lo, hi = stats.percentile_interval([mean(mean(rng.choices(d, k=len(d))) for d in diffs) for _ in range(reps)])
+    return mean(mean(d) for d in diffs), lo, hi
+
+
 def cell(values: list[float]) -> str:
     if not values:
         return "n/a"
@@ -191,6 +208,10 @@ def paired_markdown(results, task_names, budgets, first: str = "dynamickv", seco
             diff = 100 * (mean(d.values()) - mean(s.values()))
             cells.append(f"{diff:+.0f} ({t.first_only}:{t.second_only}, p={stats.fmt_p(t.p_value)})")
         lines.append(f"| {task or 'all tasks (pooled prompts)'} | " + " | ".join(cells) + " |")
+    intervals = [paired_interval(results, first, second, b) for b in budgets]
+    lines.append("| mean over tasks, paired 95% interval | "
+                 + " | ".join(f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" if iv else "n/a"
+                              for iv in intervals for d, lo, hi in [iv or (0, 0, 0)]) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -270,3 +270,19 @@ def test_compare_pairs_two_runs_prompt_by_prompt(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"args": {"model": "qwen"}, "results": b}))
     with pytest.raises(SystemExit, match="not the same prompts"):
         compare.compare(paths[0], tmp_path / "c.json")
+
+
+def test_paired_interval_weighs_how_far_partial_scores_moved():
+    # first ahead by 0.9 on 8 prompts, behind by 0.05 on 12: the sign test sees 8:12 (no difference),
+    # the task-averaged difference is +0.33 and its paired interval lies above zero
+    res = [r("code", "dynamickv", 64, False, case=f"c{i}", score=0.95 if i < 8 else 0.45) for i in range(20)]
+    res += [r("code", "snapkv", 64, False, case=f"c{i}", score=0.05 if i < 8 else 0.5) for i in range(20)]
+    t = summary.paired(res, "dynamickv", "snapkv", 64)
+    assert (t.first_only, t.second_only) == (8, 12) and t.p_value > 0.5
+    d, lo, hi = summary.paired_interval(res, "dynamickv", "snapkv", 64)
+    assert d == pytest.approx(0.33) and 0 < lo < d < hi
+    assert "+33.0 [+" in summary.paired_markdown(res, ["code"], [64])
+    # a copy differs by nothing; a budget neither side ran has no interval
+    copy = [{**x, "policy": "snapkv", "score": x["score"]} for x in res if x["policy"] == "dynamickv"]
+    assert summary.paired_interval(res[:20] + copy, "dynamickv", "snapkv", 64) == (0, 0, 0)
+    assert summary.paired_interval(res, "dynamickv", "snapkv", 128) is None
