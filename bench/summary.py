@@ -208,10 +208,11 @@ def paired_markdown(results, task_names, budgets, first: str = "dynamickv", seco
             diff = 100 * (mean(d.values()) - mean(s.values()))
             cells.append(f"{diff:+.0f} ({t.first_only}:{t.second_only}, p={stats.fmt_p(t.p_value)})")
         lines.append(f"| {task or 'all tasks (pooled prompts)'} | " + " | ".join(cells) + " |")
-    intervals = [paired_interval(results, first, second, b) for b in budgets]
-    lines.append("| mean over tasks, paired 95% interval | "
-                 + " | ".join(f"{100 * d:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]" if iv else "n/a"
-                              for iv in intervals for d, lo, hi in [iv or (0, 0, 0)]) + " |")
+    def interval_cell(b):
+        iv = paired_interval(results, first, second, b)
+        return "n/a" if iv is None else "{:+.1f} [{:+.1f}, {:+.1f}]".format(*(100 * x for x in iv))
+
+    lines.append("| mean over tasks, paired 95% interval | " + " | ".join(map(interval_cell, budgets)) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -283,6 +283,6 @@ def test_paired_interval_weighs_how_far_partial_scores_moved():
     assert d == pytest.approx(0.33) and 0 < lo < d < hi
     assert "+33.0 [+" in summary.paired_markdown(res, ["code"], [64])
     # a copy differs by nothing; a budget neither side ran has no interval
-    copy = [{**x, "policy": "snapkv", "score": x["score"]} for x in res if x["policy"] == "dynamickv"]
+    copy = [{**x, "policy": "snapkv"} for x in res if x["policy"] == "dynamickv"]
     assert summary.paired_interval(res[:20] + copy, "dynamickv", "snapkv", 64) == (0, 0, 0)
     assert summary.paired_interval(res, "dynamickv", "snapkv", 128) is None
