@@ -66,6 +66,12 @@ def average_interval(per_task: dict[str, list[float]], reps: int = 2000, seed: i
     groups = [v for v in per_task.values() if v]
     if len(groups) == 1:  # one task: its own interval (Wilson when 0/1)
         return interval(groups[0])
+    return stratified_interval(groups, reps, seed)
+
+
+def stratified_interval(groups: list[list[float]], reps: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the mean over groups of each group's mean, values resampled
+    within each group (a task's prompts stay that task's)."""
     rng = random.Random(seed)
     return stats.percentile_interval([mean(mean(rng.choices(g, k=len(g))) for g in groups) for _ in range(reps)])
 
@@ -131,9 +137,7 @@ def paired_interval(results, first: str, second: str, budget: int, reps: int = 2
             diffs.append([a[k] - b[k] for k in common])
     if not diffs:
         return None
-    rng = random.Random(seed)
-    lo, hi = stats.percentile_interval([mean(mean(rng.choices(d, k=len(d))) for d in diffs) for _ in range(reps)])
-    return mean(mean(d) for d in diffs), lo, hi
+    return (mean(mean(d) for d in diffs), *stratified_interval(diffs, reps, seed))
 
 
 def cell(values: list[float]) -> str:

@@ -389,8 +389,8 @@ def decode_markdown(res: dict, lengths, batches) -> str:
         lines += ["", "| target | measured | pass |", "|---|---|---|"]
         lines += [f"| {t['target']} | {t['value']}x | {'yes' if t['pass'] else 'NO'} |" for t in res["targets"]]
     else:  # say so, rather than leave a reader to think the targets were met
-        lines += ["", "No target was checked: the targets compare cells at 256, 1000, 4000 and 8000 prompt tokens "
-                      "(the default --lengths), and none of their pairs ran here."]
+        lines += ["", f"No target was checked: the targets compare cells at {', '.join(map(str, DECODE_LENGTHS))} "
+                      "prompt tokens (the default --lengths), and none of their pairs ran here."]
     return "\n".join(lines) + "\n"
 
 
