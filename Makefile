@@ -9,10 +9,15 @@ BUDGET ?= 128
 setup:
 	bash runtime/setup.sh
 
+# bfloat16 where the CPU has bfloat16 instructions, float32 elsewhere: on an AVX2-only CPU bfloat16
+# served 3.5x slower (README, "Which dtype `make serve` picks"). DTYPE=... overrides.
+CPUINFO ?= /proc/cpuinfo
+DTYPE ?= $(shell grep -qwE 'avx512_bf16|amx_bf16' $(CPUINFO) 2>/dev/null && echo bfloat16 || echo float32)
+
 # DynamicKV on the default real small model, laptop-class CPU defaults.
 serve: setup
 	$(PY) -m dkv_sglang.launch_server --model-path $(MODEL) --kv-policy dynamickv --kv-budget $(BUDGET) \
-		--dtype bfloat16 --max-total-tokens 65536 --host 127.0.0.1 --port $(PORT)
+		--dtype $(DTYPE) --max-total-tokens 65536 --host 127.0.0.1 --port $(PORT)
 
 test: setup
 	$(PY) -m pytest tests -q
