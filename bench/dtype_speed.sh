@@ -14,7 +14,7 @@ for dtype in bfloat16 float32 bfloat16 float32; do
   until curl -s "127.0.0.1:$PORT/health" >/dev/null; do kill -0 $pid || exit 1; sleep 2; done
   $PY -m sglang.benchmark.serving --backend sglang --base-url "http://127.0.0.1:$PORT" --model $MODEL \
       --tokenizer $MODEL --dataset-name random-ids --tokenize-prompt --random-input-len 2048 --random-output-len 64 \
-      --random-range-ratio 1 --num-prompts 4 --request-rate inf --seed 1 --warmup-requests 1 --flush-cache 2>&1 \
+      --random-range-ratio 1 --num-prompts 4 --request-rate inf --seed 1 --warmup-requests 1 --flush-cache --output-file /tmp/dtype-speed.jsonl 2>&1 \
     | grep -E "Benchmark duration|Input token throughput|Mean TTFT|Mean TPOT" | sed "s/^/$dtype: /"
   kill $pid; wait $pid 2>/dev/null || true
 done
