@@ -20,7 +20,7 @@ def serve_dtype(*make_args: str) -> str:
 
 
 @pytest.mark.parametrize(("flags", "dtype"), [
-    ("fpu sse4_2 avx2 fma", "float32"),           # AVX2 only: bfloat16 is emulated, 3.5x slower
+    ("fpu sse4_2 avx2 fma", "float32"),           # AVX2 only: no bfloat16 instructions
     ("avx2 avx512f avx512_bf16", "bfloat16"),
     ("avx2 avx512f amx_bf16 amx_tile", "bfloat16"),
     ("avx2 avx512_bf16x", "float32"),             # a whole flag, not a prefix
