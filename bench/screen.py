@@ -1,0 +1,240 @@
+"""Many policies' RULER answers from one prefill per prompt: a screen for slow machines (no server).
+
+    python -m bench.screen --model qwen --tasks ruler_vt --first-prompt 290 --limit 30 --budgets 128 \\
+        --policies snapkv snapkv+adaptive dynamickv dynamickv+adaptive
+
+``bench.ruler`` asks the server once per (policy, budget), so every label costs a decode pass and,
+where the prefix cache has let the prompt go, a prefill. Here transformers prefills each prompt
+once (float32 by default), keeps every layer's window scores (:class:`.needle_layers.ScoreCapture`),
+lets each label's own ``select`` choose its rows, and then decodes every (label, budget) and full
+KV greedily side by side in one batch, each token attending only to its KV head's kept prompt rows
+and to the tokens generated before it (:class:`KeptRowsAttention`). RULER's own prompts, reply
+lengths and metric (lm-eval's ``process_results``) score the replies.
+
+``tests/engine/test_reference_decode.py`` holds this decode to the engine: on a tiny Llama in
+float32 it reproduces the server's greedy tokens exactly, for uniform and adaptive heads. On a real
+model at 4k tokens it does not stand in for the server: Qwen2.5-Coder, ``ruler_vt``, budget 128,
+20 prompts, both in float32 (stop 30, docs/allocations.md), the two gave the same score on 73 of
+100 (prompt, label) replies (full KV 16 of 20); the server measured ``snapkv+adaptive`` below
+``snapkv`` on 9 prompts and above on none, the screen 3 and 1. Replies that far below full KV
+are near-ties token after token, so small numeric differences move them. Use it to find where
+to look (``--adaptive-layers``), never as the measurement: that is ``bench.ruler`` /
+``bench.quality`` against the server.
+
+Writes ``bench/results/<name>.{json,md}`` in ``bench.ruler``'s format (summary.py's tables,
+intervals and paired tests), after every prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+
+from dkv_sglang.policy import PolicyConfig, select
+from dkv_sglang.policy.request import for_request
+
+from . import summary
+from .needle_layers import ScoreCapture
+from .presets import DEFAULT_ALLOCATION, LABELS, custom_params
+from .ruler import RESULTS, TASKS, ensure_punkt, load_tasks, rows
+
+
+class KeptRowsAttention:
+    """A transformers attention function for a batch whose row ``b`` keeps only the prompt rows
+    ``keep[b, layer, kv_head]`` of ``n`` (a [B, L, H_kv, n] bool mask): a query at position < n
+    attends causally to everything, one at position >= n to its KV head's kept prompt rows and to
+    every later position up to itself. Works for a whole sequence at once and for cached decode."""
+
+    name = "dkv_kept_rows"
+
+    def __init__(self, keep: torch.Tensor):
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+        self.keep = keep
+        AttentionInterface.register(self.name, self)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+
+    def __call__(self, module, query, key, value, attention_mask, scaling=None, **kwargs):
+        b, hq, q_len, dim = query.shape
+        hkv, k_len, n = key.shape[1], key.shape[2], self.keep.shape[-1]
+        first = k_len - q_len  # the first query's position
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool).tril(diagonal=first).expand(b, hkv, q_len, k_len).clone()
+        allowed[:, :, torch.arange(first, k_len) >= n, :n] &= self.keep[:, module.layer_idx, :, None, :]
+        # query heads h*g .. h*g+g-1 read KV head h: group them rather than copy the keys
+        grouped = query.reshape(b, hkv, hq // hkv * q_len, dim)
+        logits = (grouped @ key.transpose(-1, -2) * scaling).view(b, hkv, hq // hkv, q_len, k_len)
+        weights = torch.softmax(logits.float().masked_fill(~allowed[:, :, None], float("-inf")), dim=-1)
+        out = weights.to(value.dtype).view(b, hkv, hq // hkv * q_len, k_len) @ value
+        return out.view(b, hq, q_len, dim).transpose(1, 2), None
+
+
+def prefill(model, capture: ScoreCapture, ids: list[int]):
+    """One prompt through ``model`` with every layer's window scores captured: (per layer
+    [KV heads, n - window] scores, the KV cache, the greedy first token)."""
+    from transformers import DynamicCache
+
+    capture.scores = []
+    model.set_attn_implementation(capture.name)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
+    return [s.float() for s in capture.scores], cache, int(logits.argmax())
+
+
+def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=()) -> list[list[int]]:
+    """Greedy replies of at most ``steps`` tokens (``first`` included), one per row of ``keep``
+    ([B, L, H_kv, n]), all from one prompt's ``cache`` (left as it was); a reply ends before the
+    first token in ``stop``."""
+    cache = copy.deepcopy(cache)
+    cache.batch_repeat_interleave(keep.shape[0])
+    model.set_attn_implementation(KeptRowsAttention(keep).name)
+    stops = torch.tensor(sorted(stop), dtype=torch.long)
+    token = torch.full((keep.shape[0], 1), first)
+    out, done = [token], torch.isin(token[:, 0], stops)
+    with torch.no_grad():
+        while len(out) < steps and not bool(done.all()):
+            token = model(token, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            out.append(token)
+            done |= torch.isin(token[:, 0], stops)
+    replies = []
+    for reply in torch.cat(out, dim=1).tolist():
+        ends = [i for i, t in enumerate(reply) if t in stop]
+        replies.append(reply[: ends[0]] if ends else reply)
+    return replies
+
+
+def layer_groups(layers: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous, near-equal layer ranges (first, last) covering ``layers``."""
+    edges = [round(i * layers / parts) for i in range(parts + 1)]
+    return [(edges[i], edges[i + 1] - 1) for i in range(parts)]
+
+
+def split_labels(policies, layers: int, parts: int) -> list[str]:
+    """Every ``X+adaptive`` of ``policies`` with adaptive heads in one layer group only: ``X+adaptive[a-b]``."""
+    return [f"{p}[{a}-{b}]" for p in policies if p.endswith("+adaptive") for a, b in layer_groups(layers, parts)]
+
+
+def keep_mask(scores, n: int, label: str, budget: int | None, window: int, shape) -> torch.Tensor:
+    """[L, H_kv, n]: what ``label`` at ``budget`` keeps of one prompt (full KV: every row). A label
+    ``X+adaptive[a-b]`` keeps what ``X+adaptive`` keeps in layers a-b and what ``X`` keeps elsewhere
+    (the layer budgets are the same: adaptive heads only split a layer's count)."""
+    name, _, span = label.partition("[")
+    if span:
+        first, last = map(int, span.rstrip("]").split("-"))
+        mask = keep_mask(scores, n, name.removesuffix("+adaptive"), budget, window, shape)
+        mask[first : last + 1] = keep_mask(scores, n, name, budget, window, shape)[first : last + 1]
+        return mask
+    sel = None if budget is None else select(
+        scores, n, for_request(PolicyConfig(policy="dynamickv", budget=budget, window=window), custom_params(label, budget)))
+    return torch.ones(*shape, n, dtype=torch.bool) if sel is None else sel.keep_mask()
+
+
+def keep_masks(scores, n: int, configs, window: int, shape) -> torch.Tensor:
+    """[len(configs), L, H_kv, n]: :func:`keep_mask` of every (label, budget)."""
+    return torch.stack([keep_mask(scores, n, label, budget, window, shape) for label, budget in configs])
+
+
+def parse(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("smollm2", "qwen"), default="smollm2")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=["ruler_vt"])
+    p.add_argument("--length", type=int, default=4096, help="RULER sequence length in tokens")
+    p.add_argument("--first-prompt", type=int, default=0, metavar="N", help="start at lm-eval's prompt N of each task")
+    p.add_argument("--limit", type=int, default=10, help="prompts per task")
+    p.add_argument("--budgets", nargs="+", type=int, default=[128])
+    p.add_argument("--policies", nargs="+", choices=LABELS, default=["snapkv", "dynamickv"], metavar="POLICY",
+                   help=f"from {', '.join(LABELS)}")
+    p.add_argument("--window", type=int, default=PolicyConfig.window, help="the server's --kv-window")
+    p.add_argument("--max-gen-toks", type=int, default=48,
+                   help="reply length in tokens, in place of each task's own (default 48, as bench.ruler --quick)")
+    p.add_argument("--adaptive-layers", type=int, default=0, metavar="K",
+                   help="also decode every X+adaptive label with adaptive heads in only one of K contiguous layer "
+                        "groups, uniform heads elsewhere (labels X+adaptive[a-b]): which layers' head budgets move answers")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--name", help="results file stem (default screen-<model>)")
+    args = p.parse_args(argv)
+    if args.first_prompt < 0:
+        p.error(f"--first-prompt: {args.first_prompt} is negative")
+    if args.limit < 1:
+        p.error(f"--limit: {args.limit} must be at least 1")
+    if args.adaptive_layers < 0:
+        p.error(f"--adaptive-layers: {args.adaptive_layers} is negative")
+    if args.adaptive_layers and not any(x.endswith("+adaptive") for x in args.policies):
+        p.error("--adaptive-layers: no X+adaptive label in --policies")
+    if min(args.budgets) <= args.window:
+        p.error(f"--budgets: every budget must exceed --window {args.window}")
+    args.name = args.name or f"screen-{args.model}"
+    args.default_allocation = DEFAULT_ALLOCATION  # recorded: what "dynamickv" meant in this run
+    return args
+
+
+def markdown(args, results, wall_s: float) -> str:
+    head = (f"# {args.name}: RULER screen (transformers, {args.dtype}, one prefill per prompt), {args.model}, "
+            f"{args.length} tokens; not the server: see bench/screen.py")
+    return "\n".join([head, "", "`python -m bench.screen " + " ".join(sys.argv[1:]) + "`", "",
+                      summary.markdown(results, list(dict.fromkeys(r["policy"] for r in results)), args.budgets),
+                      f"{len(results)} scored replies, wall time {wall_s / 60:.1f} min."]) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from runtime.prepare_model import prepare
+
+    model_dir = prepare(args.model)
+    ensure_punkt()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
+    shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    labels = args.policies + split_labels(args.policies, shape[0], args.adaptive_layers)
+    configs = [(summary.FULL, None)] + [(p, b) for b in args.budgets for p in labels]
+    capture = ScoreCapture(args.window)
+    stop = {tok.eos_token_id} if tok.eos_token_id is not None else set()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results, t0 = [], time.time()
+    with tqdm(total=len(args.tasks) * args.limit, desc="prompts", unit="prompt") as bar:
+        for name in args.tasks:
+            ((key, task),) = load_tasks([name], [args.length], model_dir, args.first_prompt + args.limit)["tasks"].items()
+            docs = list(task.eval_docs)
+            for doc_id in range(args.first_prompt, args.first_prompt + args.limit):
+                doc = docs[doc_id]
+                text = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))  # what lm-eval sends
+                ids = tok(text, add_special_tokens=False)["input_ids"]
+                scores, cache, first = prefill(model, capture, ids)
+                keep = keep_masks(scores, len(ids), configs, args.window, shape)
+                replies = decode(model, cache, first, keep, args.max_gen_toks, stop)
+                for (label, budget), reply, kept in zip(configs, replies, keep.sum(dim=-1)):
+                    text_reply = tok.decode(reply, skip_special_tokens=True)
+                    logged = {"doc": doc, "doc_id": doc_id, "filtered_resps": [text_reply],
+                              **task.process_results(doc, [text_reply])}
+                    (row,) = rows({key: [logged]}, label, budget)
+                    if budget is not None:  # rows per (layer, KV head), the window included, as the server reports
+                        row.update(kept_per_head=kept.tolist(), kept_per_layer=kept.float().mean(dim=-1).tolist(),
+                                   prompt_tokens=len(ids))
+                    results.append(row)
+                bar.update(1)
+                write(args, results, time.time() - t0)
+    print((RESULTS / f"{args.name}.md").read_text())
+    return 0
+
+
+def write(args, results, wall_s: float) -> None:
+    stem = RESULTS / args.name
+    stem.with_suffix(".json").write_text(json.dumps({"args": vars(args), "wall_s": round(wall_s, 1),
+                                                      "results": results}, indent=1, default=str))
+    stem.with_suffix(".md").write_text(markdown(args, results, wall_s))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
