@@ -1,9 +1,11 @@
-"""Two ``bench.quality`` runs of one model, paired prompt by prompt: what a server setting changed.
+"""Two runs of one model on the same prompts, paired prompt by prompt: what a server setting changed.
 
     python -m bench.compare bench/results/quality-standard-smollm2.json bench/results/window16-smollm2.json
+    python -m bench.compare bench/results/server-vt.json bench/results/screen-vt.json   # bench.screen vs the server
 
 A setting of the server itself (``--kv-window``) cannot differ between the requests of one run,
-so its effect is measured across two runs of the same prompts (same seeds). For every policy
+so its effect is measured across two runs of the same prompts (same seeds); so is how far
+``bench.screen`` (transformers) answers as the server does (``bench.ruler`` results pair the same way). For every policy
 label and budget both runs answered, the second run minus the first: the difference in points,
 prompts better : worse, and the exact two-sided sign test (summary.py), per task and pooled.
 A plain ``dynamickv`` is read as the allocation its own run defaulted to (``dynamickv:reference``

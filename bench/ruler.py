@@ -40,7 +40,7 @@ import time
 from pathlib import Path
 
 from . import summary
-from .presets import LABELS, POLICIES, apply_preset, custom_params
+from .presets import DEFAULT_ALLOCATION, LABELS, POLICIES, apply_preset, custom_params
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -86,11 +86,14 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-gen-toks", type=int, help="cap RULER's reply lengths (default: each task's own)")
     p.add_argument("--max-total-tokens", type=int, default=72000, help="KV pool size in tokens (~23 KB each "
                    "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the server's --dtype (default bfloat16, every recorded run's; float32 to compare with bench.screen)")
     p.add_argument("--name", help="results file stem (default ruler-<preset>-<model>)")
     args = p.parse_args(argv)
     if args.first_prompt < 0:
         p.error(f"--first-prompt: {args.first_prompt} is negative")
     args.preset = apply_preset(args, PRESETS)
+    args.default_allocation = DEFAULT_ALLOCATION  # recorded: what "dynamickv" meant in this run
     args.name = args.name or f"ruler-{args.preset}-{args.model}"
     return args
 
@@ -224,14 +227,14 @@ def run(args, url: str, model_dir: Path, save=lambda results: None) -> list[dict
     return results
 
 
-def serve_args(model_dir: Path, max_total_tokens: int) -> list[str]:
-    return ["--model-path", str(model_dir), "--kv-policy", "dynamickv", "--kv-budget", "128", "--dtype", "bfloat16",
+def serve_args(model_dir: Path, max_total_tokens: int, dtype: str = "bfloat16") -> list[str]:
+    return ["--model-path", str(model_dir), "--kv-policy", "dynamickv", "--kv-budget", "128", "--dtype", dtype,
             "--max-total-tokens", str(max_total_tokens), "--random-seed", "0", "--log-level", "warning",
             "--watchdog-timeout", "3600"]  # a busy shared CPU can stall one batch past the 300 s default
 
 
 def markdown(args, results, wall_s: float) -> str:
-    lines = [f"# {args.name}: RULER via lm-eval 0.4.13, {args.model}, lengths {list(args.lengths)}, bfloat16", "",
+    lines = [f"# {args.name}: RULER via lm-eval 0.4.13, {args.model}, lengths {list(args.lengths)}, {args.dtype}", "",
              summary.markdown(results, [summary.FULL, *args.policies], args.budgets), "## Targets", ""]
     lines += [f"- {t['target']}: {t['measured']} -> {'held' if t['held'] else 'FAILED'}"
               for t in summary.targets(results, args.budgets, long_length=4096)]
@@ -250,7 +253,7 @@ def main(argv=None) -> int:
     model_dir = prepare(args.model)
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with Server(serve_args(model_dir, args.max_total_tokens), RESULTS / f"{args.name}-server.log") as url:
+    with Server(serve_args(model_dir, args.max_total_tokens, args.dtype), RESULTS / f"{args.name}-server.log") as url:
         run(args, url, model_dir, save=lambda results: write(args, results, time.time() - t0))
     print((RESULTS / f"{args.name}.md").read_text())
     return 0
