@@ -4,10 +4,12 @@ lm-eval itself is a benchmark-only requirement: the tests that need it skip with
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
 from bench import ruler, summary
+from dkv_sglang.policy import PolicyConfig
 
 
 def test_passes_put_full_kv_first_then_every_policy_and_budget():
@@ -101,3 +103,14 @@ def test_prompts_are_the_same_in_every_run():
     first = answers()
     random.seed(12345)
     assert answers() == first and len(first) == 3
+
+
+def test_the_servers_dtype_is_bfloat16_unless_asked():
+    def dtype(argv):
+        args = ruler.parse(argv)
+        served = ruler.serve_args(Path("m"), 1000, args.dtype)
+        return served[served.index("--dtype") + 1]
+
+    assert dtype(["--quick"]) == "bfloat16"
+    assert dtype(["--quick", "--dtype", "float32"]) == "float32"
+    assert ruler.parse(["--quick"]).default_allocation == PolicyConfig.allocation, "recorded: what dynamickv meant"
