@@ -13,13 +13,14 @@ lengths and metric (lm-eval's ``process_results``) score the replies.
 
 ``tests/engine/test_reference_decode.py`` holds this decode to the engine: on a tiny Llama in
 float32 it reproduces the server's greedy tokens exactly, for uniform and adaptive heads. On a real
-model at 4k tokens it does not stand in for the server: Qwen2.5-Coder, ``ruler_vt``, budget 128,
-20 prompts, both in float32 (stop 30, docs/allocations.md), the two gave the same score on 73 of
-100 (prompt, label) replies (full KV 16 of 20); the server measured ``snapkv+adaptive`` below
-``snapkv`` on 9 prompts and above on none, the screen 3 and 1. Replies that far below full KV
-are near-ties token after token, so small numeric differences move them. Use it to find where
-to look (``--adaptive-layers``), never as the measurement: that is ``bench.ruler`` /
-``bench.quality`` against the server.
+model far below full KV, replies are near-ties token after token and any numeric difference moves
+them. Qwen2.5-Coder, ``ruler_vt`` at 4k, budget 128, float32 (stop 30, docs/allocations.md): the
+screen and the server (``bench.ruler``, requests in batches of 16) gave the same score on 73 of
+100 (prompt, label) replies (full KV 16 of 20); on 5 prompts where SnapKV's differed, the engine
+asked one request at a time gave a third reply on 3, the screen's on 1, the server's on 1. So a
+prompt's answer there depends on batch shape as much as on the instrument: compare policies over
+many prompts, use the screen to find where to look (``--adaptive-layers``), and measure claims
+against the server (``bench.ruler`` / ``bench.quality``).
 
 Writes ``bench/results/<name>.{json,md}`` in ``bench.ruler``'s format (summary.py's tables,
 intervals and paired tests), after every prompt.
