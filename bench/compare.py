@@ -5,9 +5,10 @@
 
 A setting of the server itself (``--kv-window``) cannot differ between the requests of one run,
 so its effect is measured across two runs of the same prompts (same seeds); so is how far
-``bench.screen`` (transformers) answers as the server does (``bench.ruler`` results pair the same way). For every policy
-label and budget both runs answered, the second run minus the first: the difference in points,
-prompts better : worse, and the exact two-sided sign test (summary.py), per task and pooled.
+``bench.screen`` (transformers) answers as the server does (``bench.ruler`` results pair the same
+way). For every policy label and budget both runs answered, the second run minus the first: the
+difference in points, prompts better : worse, and the exact two-sided sign test (summary.py), per
+task and pooled.
 A plain ``dynamickv`` is read as the allocation its own run defaulted to (``dynamickv:reference``
 in runs that did not record one), so runs from before and after a default change pair correctly.
 """

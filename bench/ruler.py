@@ -87,7 +87,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--max-total-tokens", type=int, default=72000, help="KV pool size in tokens (~23 KB each "
                    "on SmolLM2 in bfloat16); prompts are run in groups the pool holds")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="the server's --dtype (default bfloat16, every recorded run's; float32 to compare with bench.screen)")
+                   help="the server's --dtype (default bfloat16, every recorded run's; float32 to set it "
+                        "beside bench.screen)")
     p.add_argument("--name", help="results file stem (default ruler-<preset>-<model>)")
     args = p.parse_args(argv)
     if args.first_prompt < 0:

@@ -132,9 +132,12 @@ def keep_mask(scores, n: int, label: str, budget: int | None, window: int, shape
         mask = keep_mask(scores, n, name.removesuffix("+adaptive"), budget, window, shape)
         mask[first : last + 1] = keep_mask(scores, n, name, budget, window, shape)[first : last + 1]
         return mask
-    sel = None if budget is None else select(
-        scores, n, for_request(PolicyConfig(policy="dynamickv", budget=budget, window=window), custom_params(label, budget)))
-    return torch.ones(*shape, n, dtype=torch.bool) if sel is None else sel.keep_mask()
+    every = torch.ones(*shape, n, dtype=torch.bool)
+    if budget is None:  # full KV
+        return every
+    sel = select(scores, n, for_request(PolicyConfig(policy="dynamickv", budget=budget, window=window),
+                                        custom_params(label, budget)))
+    return every if sel is None else sel.keep_mask()  # None: the budget cuts nothing
 
 
 def keep_masks(scores, n: int, configs, window: int, shape) -> torch.Tensor:
@@ -157,7 +160,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="reply length in tokens, in place of each task's own (default 48, as bench.ruler --quick)")
     p.add_argument("--adaptive-layers", type=int, default=0, metavar="K",
                    help="also decode every X+adaptive label with adaptive heads in only one of K contiguous layer "
-                        "groups, uniform heads elsewhere (labels X+adaptive[a-b]): which layers' head budgets move answers")
+                        "groups, uniform heads elsewhere (labels X+adaptive[a-b]): which layers' head budgets "
+                        "move answers")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--name", help="results file stem (default screen-<model>)")
     args = p.parse_args(argv)
@@ -206,7 +210,8 @@ def main(argv=None) -> int:
     results, t0 = [], time.time()
     with tqdm(total=len(args.tasks) * args.limit, desc="prompts", unit="prompt") as bar:
         for name in args.tasks:
-            ((key, task),) = load_tasks([name], [args.length], model_dir, args.first_prompt + args.limit)["tasks"].items()
+            loaded = load_tasks([name], [args.length], model_dir, args.first_prompt + args.limit)
+            ((key, task),) = loaded["tasks"].items()
             docs = list(task.eval_docs)
             for doc_id in range(args.first_prompt, args.first_prompt + args.limit):
                 doc = docs[doc_id]
