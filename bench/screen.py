@@ -162,7 +162,8 @@ def parse(argv=None) -> argparse.Namespace:
                    help="also decode every X+adaptive label with adaptive heads in only one of K contiguous layer "
                         "groups, uniform heads elsewhere (labels X+adaptive[a-b]): which layers' head budgets "
                         "move answers")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the model's dtype (default float32, where the decode is held to the engine's)")
     p.add_argument("--name", help="results file stem (default screen-<model>)")
     args = p.parse_args(argv)
     if args.first_prompt < 0:
@@ -202,6 +203,8 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype)).eval()
     shape = (model.config.num_hidden_layers, model.config.num_key_value_heads)
+    if args.adaptive_layers > shape[0]:
+        raise SystemExit(f"--adaptive-layers: {args.adaptive_layers} groups of {args.model}'s {shape[0]} layers")
     labels = args.policies + split_labels(args.policies, shape[0], args.adaptive_layers)
     configs = [(summary.FULL, None)] + [(p, b) for b in args.budgets for p in labels]
     capture = ScoreCapture(args.window)
