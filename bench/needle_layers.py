@@ -82,12 +82,14 @@ class ScoreCapture:
         return self._sdpa(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
 
 
-def layer_scores(model, capture: ScoreCapture, ids: list[int]) -> list[torch.Tensor]:
-    """Per layer, [KV heads, n - window] window scores of one prompt."""
+def layer_scores(model, capture: ScoreCapture, ids: list[int], cache=None) -> tuple[list[torch.Tensor], int]:
+    """One prompt through ``model``: per layer, [KV heads, n - window] window scores, and the
+    greedy next token. ``cache`` (a transformers cache), when given, keeps the prompt's keys and values."""
     capture.scores = []
+    model.set_attn_implementation(capture.name)
     with torch.no_grad():
-        model(torch.tensor([ids]))
-    return [s.float() for s in capture.scores]
+        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=cache is not None).logits[0, -1]
+    return [s.float() for s in capture.scores], int(logits.argmax())
 
 
 def analyse(scores, n: int, needle: list[int], labels, budgets, window: int) -> dict:
@@ -178,12 +180,11 @@ def main(argv=None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     capture = ScoreCapture(args.window)
-    model.set_attn_implementation(capture.name)
     prompts = []
     for doc in tqdm(list(task.eval_docs)[: args.limit], desc="prompts", unit="prompt"):
         text = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))  # what lm-eval sends
         enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
-        scores = layer_scores(model, capture, enc["input_ids"])
+        scores, _ = layer_scores(model, capture, enc["input_ids"])
         needle = needle_tokens(text, doc["outputs"], enc["offset_mapping"])
         prompts.append(analyse(scores, len(enc["input_ids"]), needle, args.policies, args.budgets, args.window))
     s = summarise(prompts)

@@ -41,7 +41,7 @@ from dkv_sglang.policy import PolicyConfig, select
 from dkv_sglang.policy.request import for_request
 
 from . import summary
-from .needle_layers import ScoreCapture
+from .needle_layers import ScoreCapture, layer_scores
 from .presets import DEFAULT_ALLOCATION, LABELS, custom_params
 from .ruler import RESULTS, TASKS, ensure_punkt, load_tasks, rows
 
@@ -77,16 +77,12 @@ class KeptRowsAttention:
 
 
 def prefill(model, capture: ScoreCapture, ids: list[int]):
-    """One prompt through ``model`` with every layer's window scores captured: (per layer
-    [KV heads, n - window] scores, the KV cache, the greedy first token)."""
+    """:func:`.needle_layers.layer_scores` keeping the KV cache: (scores, cache, greedy first token)."""
     from transformers import DynamicCache
 
-    capture.scores = []
-    model.set_attn_implementation(capture.name)
     cache = DynamicCache(config=model.config)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), past_key_values=cache, use_cache=True).logits[0, -1]
-    return [s.float() for s in capture.scores], cache, int(logits.argmax())
+    scores, first = layer_scores(model, capture, ids, cache)
+    return scores, cache, first
 
 
 def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=()) -> list[list[int]]:

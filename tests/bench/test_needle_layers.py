@@ -24,9 +24,7 @@ def test_captured_scores_match_the_models_own_attention(tmp_path):
     with torch.no_grad():
         attn = eager(torch.tensor([ids]), output_attentions=True).attentions
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    capture = ScoreCapture(window=8)
-    model.set_attn_implementation(capture.name)
-    scores = layer_scores(model, capture, ids)
+    scores, _ = layer_scores(model, ScoreCapture(window=8), ids)
     assert len(scores) == len(attn) == 2
     for got, a in zip(scores, attn):
         hq, kv = a.shape[1], got.shape[0]
