@@ -54,11 +54,11 @@ class KeptRowsAttention:
 
     name = "dkv_kept_rows"
 
-    def __init__(self, keep: torch.Tensor):
+    def __init__(self, keep: torch.Tensor, record: list[list[torch.Tensor]] | None = None):
         from transformers import AttentionInterface
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
-        self.keep = keep
+        self.keep, self.record = keep, record
         AttentionInterface.register(self.name, self)
         ALL_MASK_ATTENTION_FUNCTIONS.register(self.name, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
 
@@ -72,6 +72,8 @@ class KeptRowsAttention:
         grouped = query.reshape(b, hkv, hq // hkv * q_len, dim)
         logits = (grouped @ key.transpose(-1, -2) * scaling).view(b, hkv, hq // hkv, q_len, k_len)
         weights = torch.softmax(logits.float().masked_fill(~allowed[:, :, None], float("-inf")), dim=-1)
+        if self.record is not None and q_len == 1 and first >= n:  # a decode step: row 0's attention to the prompt
+            self.record[module.layer_idx].append(weights[0, :, :, 0, :n].sum(dim=1))
         out = weights.to(value.dtype).view(b, hkv, hq // hkv * q_len, k_len) @ value
         return out.view(b, hq, q_len, dim).transpose(1, 2), None
 
@@ -85,13 +87,15 @@ def prefill(model, capture: ScoreCapture, ids: list[int]):
     return scores, cache, first
 
 
-def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=()) -> list[list[int]]:
+def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=(),
+           record: list[list[torch.Tensor]] | None = None) -> list[list[int]]:
     """Greedy replies of at most ``steps`` tokens (``first`` included), one per row of ``keep``
     ([B, L, H_kv, n]), all from one prompt's ``cache`` (left as it was); a reply ends before the
-    first token in ``stop``."""
+    first token in ``stop``. ``record`` (one list per layer) gains, per decode step, row 0's
+    attention to the prompt rows summed over each KV head's query heads ([H_kv, n])."""
     cache = copy.deepcopy(cache)
     cache.batch_repeat_interleave(keep.shape[0])
-    model.set_attn_implementation(KeptRowsAttention(keep).name)
+    model.set_attn_implementation(KeptRowsAttention(keep, record).name)
     stops = torch.tensor(sorted(stop), dtype=torch.long)
     token = torch.full((keep.shape[0], 1), first)
     out, done = [token], torch.isin(token[:, 0], stops)
@@ -107,6 +111,20 @@ def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=()) ->
     return replies
 
 
+def kept_attention(record: list[list[torch.Tensor]], reply_len: int, keep: torch.Tensor) -> torch.Tensor | None:
+    """[B, L]: per layer, the share of the reference reply's attention to prompt rows that falls on
+    rows each mask of ``keep`` ([B, L, H_kv, n]) kept, averaged over KV heads (full KV: 1).
+
+    ``record`` is :func:`decode`'s, with row 0 full KV: the queries that fed the reply's
+    ``reply_len`` tokens, under full KV, are "what the answer reads". Dropped rows' share bounds
+    how far a layer's attention output can move (Ada-KV's bound), a graded score per prompt that
+    pairs policies on far fewer prompts than right/wrong answers. None: an empty reply."""
+    if reply_len == 0 or not record[0]:
+        return None
+    need = torch.stack([torch.stack(steps[:reply_len]).sum(dim=0) for steps in record])  # [L, H_kv, n]
+    return ((need * keep).sum(dim=-1) / need.sum(dim=-1)).mean(dim=-1)
+
+
 def layer_groups(layers: int, parts: int) -> list[tuple[int, int]]:
     """``parts`` contiguous, near-equal layer ranges (first, last) covering ``layers``."""
     edges = [round(i * layers / parts) for i in range(parts + 1)]
@@ -115,6 +133,8 @@ def layer_groups(layers: int, parts: int) -> list[tuple[int, int]]:
 
 def split_labels(policies, layers: int, parts: int) -> list[str]:
     """Every ``X+adaptive`` of ``policies`` with adaptive heads in one layer group only: ``X+adaptive[a-b]``."""
+    if not parts:
+        return []
     return [f"{p}[{a}-{b}]" for p in policies if p.endswith("+adaptive") for a, b in layer_groups(layers, parts)]
 
 
@@ -177,11 +197,36 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def attention_markdown(results, budgets) -> str:
+    """The kept share of full KV's reply attention (:func:`kept_attention`) as summary.py's tables
+    (intervals, paired sign tests), and per layer the mean difference of every pair it compares."""
+    graded = [dict(r, score=r["kept_attention"]) for r in results if r.get("kept_attention") is not None]
+    if not graded:
+        return "No reply attention recorded.\n"
+    labels = list(dict.fromkeys(r["policy"] for r in graded))
+    lines = ["## Kept attention: the share of full KV's reply attention to the prompt on kept rows", "",
+             "Each prompt's score is the mean over layers and KV heads (full KV: 100); not an answer's "
+             "score, a measure of how much of what the answer reads each policy kept (bench/screen.py).", "",
+             summary.markdown(graded, labels, budgets), "Per layer, mean difference over prompts in points:", ""]
+    by_case = {(r["case"], r["policy"], r["budget"]): r["kept_attention_per_layer"] for r in graded}
+    cases = sorted({r["case"] for r in graded})
+    for b in budgets:
+        for first, second in summary.pairs([x for x in labels if x != summary.FULL]):
+            diffs = [[100 * (x - y) for x, y in zip(by_case[c, first, b], by_case[c, second, b])]
+                     for c in cases if (c, first, b) in by_case and (c, second, b) in by_case]
+            if diffs:
+                per_layer = [sum(col) / len(col) for col in zip(*diffs)]
+                lines.append(f"- {first} - {second} at {b} ({len(diffs)} prompts): "
+                             + " ".join(f"{v:+.1f}" for v in per_layer))
+    return "\n".join(lines) + "\n"
+
+
 def markdown(args, results, wall_s: float) -> str:
     head = (f"# {args.name}: RULER screen (transformers, {args.dtype}, one prefill per prompt), {args.model}, "
             f"{args.length} tokens; not the server: see bench/screen.py")
     return "\n".join([head, "", "`python -m bench.screen " + " ".join(sys.argv[1:]) + "`", "",
                       summary.markdown(results, list(dict.fromkeys(r["policy"] for r in results)), args.budgets),
+                      attention_markdown(results, args.budgets),
                       f"{len(results)} scored replies, wall time {wall_s / 60:.1f} min."]) + "\n"
 
 
@@ -218,8 +263,11 @@ def main(argv=None) -> int:
                 ids = tok(text, add_special_tokens=False)["input_ids"]
                 scores, cache, first = prefill(model, capture, ids)
                 keep = keep_masks(scores, len(ids), configs, args.window, shape)
-                replies = decode(model, cache, first, keep, args.max_gen_toks, stop)
-                for (label, budget), reply, kept in zip(configs, replies, keep.sum(dim=-1)):
+                record = [[] for _ in range(shape[0])]
+                replies = decode(model, cache, first, keep, args.max_gen_toks, stop, record)
+                share = kept_attention(record, len(replies[0]), keep)
+                for (label, budget), reply, kept, layers in zip(configs, replies, keep.sum(dim=-1),
+                                                               share if share is not None else [None] * len(configs)):
                     text_reply = tok.decode(reply, skip_special_tokens=True)
                     logged = {"doc": doc, "doc_id": doc_id, "filtered_resps": [text_reply],
                               **task.process_results(doc, [text_reply])}
@@ -227,6 +275,8 @@ def main(argv=None) -> int:
                     if budget is not None:  # rows per (layer, KV head), the window included, as the server reports
                         row.update(kept_per_head=kept.tolist(), kept_per_layer=kept.float().mean(dim=-1).tolist(),
                                    prompt_tokens=len(ids))
+                    if layers is not None:
+                        row.update(kept_attention=layers.mean().item(), kept_attention_per_layer=layers.tolist())
                     results.append(row)
                 bar.update(1)
                 write(args, results, time.time() - t0)

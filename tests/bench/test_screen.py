@@ -85,3 +85,28 @@ def test_a_split_label_is_adaptive_in_its_layers_and_uniform_elsewhere(model, pr
     assert torch.equal(first[0], adaptive[0]) and torch.equal(first[1], uniform[1])
     assert torch.equal(second[0], uniform[0]) and torch.equal(second[1], adaptive[1])
     assert screen.layer_groups(24, 4) == [(0, 5), (6, 11), (12, 17), (18, 23)]
+    assert screen.split_labels(["snapkv", "snapkv+adaptive"], layers=2, parts=0) == [], "no split asked"
+
+
+def test_kept_attention_is_the_share_of_full_kvs_reply_attention_on_kept_rows(model, prompt):
+    _, cache, first = screen.prefill(model, ScoreCapture(8), prompt)
+    keep = masks(model)
+    record = [[] for _ in range(2)]
+    replies = screen.decode(model, cache, first, keep, steps=12, record=record)
+    assert [len(steps) for steps in record] == [11, 11], "one entry per decode step and layer"
+    share = screen.kept_attention(record, len(replies[0]), keep)
+    assert share.shape == (3, 2)
+    assert torch.allclose(share[0], torch.ones(2)), "full KV keeps all of its own attention"
+    assert bool((share[1] > share[2]).all()), "a mask keeping 30% of rows keeps more than one keeping 10%"
+    # what was recorded is full KV's attention: transformers' eager attention, at the query that fed the first token
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(torch.tensor([prompt + replies[0][:1]]), output_attentions=True).attentions
+    g = model.config.num_attention_heads // model.config.num_key_value_heads
+    for layer, steps in enumerate(record):
+        reference = eager[layer][0, :, N, :N].reshape(-1, g, N).sum(dim=1)
+        assert torch.allclose(steps[0], reference, atol=1e-5)
+    one = screen.kept_attention(record, 1, keep)
+    assert screen.kept_attention(record, 0, keep) is None, "an empty reply reads nothing"
+    # a different reference length changes the share: each step's attention counts
+    assert not torch.allclose(one[1], share[1])
