@@ -41,7 +41,7 @@ from dkv_sglang.policy import PolicyConfig, select
 from dkv_sglang.policy.request import for_request
 
 from . import summary
-from .needle_layers import ScoreCapture, layer_scores
+from .needle_layers import ScoreCapture, layer_scores, needle_tokens
 from .presets import DEFAULT_ALLOCATION, LABELS, custom_params
 from .ruler import RESULTS, TASKS, ensure_punkt, load_tasks, rows
 
@@ -111,18 +111,45 @@ def decode(model, cache, first: int, keep: torch.Tensor, steps: int, stop=(),
     return replies
 
 
-def kept_attention(record: list[list[torch.Tensor]], reply_len: int, keep: torch.Tensor) -> torch.Tensor | None:
-    """[B, L]: per layer, the share of the reference reply's attention to prompt rows that falls on
-    rows each mask of ``keep`` ([B, L, H_kv, n]) kept, averaged over KV heads (full KV: 1).
-
-    ``record`` is :func:`decode`'s, with row 0 full KV: the queries that fed the reply's
-    ``reply_len`` tokens, under full KV, are "what the answer reads". Dropped rows' share bounds
-    how far a layer's attention output can move (Ada-KV's bound), a graded score per prompt that
-    pairs policies on far fewer prompts than right/wrong answers. None: an empty reply."""
+def reply_attention(record: list[list[torch.Tensor]], reply_len: int) -> torch.Tensor | None:
+    """[L, H_kv, n] what the reference reply reads: from :func:`decode`'s ``record`` (row 0 full KV),
+    the attention to each prompt row of the queries that fed the reply's ``reply_len`` tokens,
+    summed over them and over each KV head's query heads. None: an empty reply."""
     if reply_len == 0 or not record[0]:
         return None
-    need = torch.stack([torch.stack(steps[:reply_len]).sum(dim=0) for steps in record])  # [L, H_kv, n]
+    return torch.stack([torch.stack(steps[:reply_len]).sum(dim=0) for steps in record])
+
+
+def kept_attention(need: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """[B, L]: per layer, the share of ``need`` (:func:`reply_attention`) on the rows each mask of
+    ``keep`` ([B, L, H_kv, n]) kept, averaged over KV heads (full KV: 1). Dropped rows' share bounds
+    how far a layer's attention output can move (Ada-KV's bound); a graded score per prompt."""
     return ((need * keep).sum(dim=-1) / need.sum(dim=-1)).mean(dim=-1)
+
+
+def kept_answer_attention(need: torch.Tensor, keep: torch.Tensor, rows: list[int]):
+    """The share of ``need`` on the answer's prompt ``rows`` that each mask keeps, weighted by the
+    attention each (layer, KV head) pays them, so the heads that read the answer count most:
+    ([B] over all layers, [B, L] per layer; a layer whose heads pay them nothing counts as 1)."""
+    on = need[..., rows]  # [L, H_kv, r]
+    kept = (on * keep[..., rows]).sum(dim=(-1, -2))  # [B, L]
+    total = on.sum(dim=(-1, -2))  # [L]
+    per_layer = torch.where(total > 0, kept / total.clamp_min(1e-30), torch.ones_like(kept))
+    return kept.sum(dim=-1) / total.sum(), per_layer
+
+
+def attention_shares(need: torch.Tensor | None, keep: torch.Tensor, answer_rows: list[int]) -> list[dict]:
+    """Per mask of ``keep``, the result fields of :func:`kept_attention` and, when the prompt holds
+    the answer, :func:`kept_answer_attention` (each whole, and per layer)."""
+    shares = [{} for _ in range(keep.shape[0])]
+    if need is None:
+        return shares
+    for share, layers in zip(shares, kept_attention(need, keep)):
+        share.update(kept_attention=layers.mean().item(), kept_attention_per_layer=layers.tolist())
+    if answer_rows:
+        for share, whole, layers in zip(shares, *kept_answer_attention(need, keep, answer_rows)):
+            share.update(kept_answer_attention=whole.item(), kept_answer_attention_per_layer=layers.tolist())
+    return shares
 
 
 def layer_groups(layers: int, parts: int) -> list[tuple[int, int]]:
@@ -197,18 +224,26 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
-def attention_markdown(results, budgets) -> str:
-    """The kept share of full KV's reply attention (:func:`kept_attention`) as summary.py's tables
-    (intervals, paired sign tests), and per layer the mean difference of every pair it compares."""
-    graded = [dict(r, score=r["kept_attention"]) for r in results if r.get("kept_attention") is not None]
+MEASURES = {
+    "kept_attention": "Kept attention: the share of full KV's reply attention to the prompt on kept rows "
+                      "(mean over layers and KV heads)",
+    "kept_answer_attention": "Kept answer attention: the share of full KV's reply attention to the answer's "
+                             "prompt rows on kept rows (weighted by the attention each layer and KV head pays them)",
+}
+
+
+def attention_markdown(results, budgets, field: str) -> str:
+    """One measure of :data:`MEASURES` as summary.py's tables (intervals, paired sign tests), and
+    per layer the mean difference of every pair it compares."""
+    graded = [dict(r, score=r[field]) for r in results if r.get(field) is not None]
     if not graded:
-        return "No reply attention recorded.\n"
+        return f"No {field} recorded.\n"
     labels = list(dict.fromkeys(r["policy"] for r in graded))
-    lines = ["## Kept attention: the share of full KV's reply attention to the prompt on kept rows", "",
-             "Each prompt's score is the mean over layers and KV heads (full KV: 100); not an answer's "
-             "score, a measure of how much of what the answer reads each policy kept (bench/screen.py).", "",
+    lines = [f"## {MEASURES[field]}", "",
+             "Graded per prompt (full KV: 100); not an answer's score: how much of what full KV's answer "
+             "reads each policy kept (bench/screen.py).", "",
              summary.markdown(graded, labels, budgets), "Per layer, mean difference over prompts in points:", ""]
-    by_case = {(r["case"], r["policy"], r["budget"]): r["kept_attention_per_layer"] for r in graded}
+    by_case = {(r["case"], r["policy"], r["budget"]): r[f"{field}_per_layer"] for r in graded}
     cases = sorted({r["case"] for r in graded})
     for b in budgets:
         for first, second in summary.pairs([x for x in labels if x != summary.FULL]):
@@ -226,7 +261,7 @@ def markdown(args, results, wall_s: float) -> str:
             f"{args.length} tokens; not the server: see bench/screen.py")
     return "\n".join([head, "", "`python -m bench.screen " + " ".join(sys.argv[1:]) + "`", "",
                       summary.markdown(results, list(dict.fromkeys(r["policy"] for r in results)), args.budgets),
-                      attention_markdown(results, args.budgets),
+                      *(attention_markdown(results, args.budgets, field) for field in MEASURES),
                       f"{len(results)} scored replies, wall time {wall_s / 60:.1f} min."]) + "\n"
 
 
@@ -260,14 +295,14 @@ def main(argv=None) -> int:
             for doc_id in range(args.first_prompt, args.first_prompt + args.limit):
                 doc = docs[doc_id]
                 text = task.fewshot_context(doc, 0, gen_prefix=task.doc_to_prefix(doc))  # what lm-eval sends
-                ids = tok(text, add_special_tokens=False)["input_ids"]
+                enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+                ids, answer_rows = enc["input_ids"], needle_tokens(text, doc["outputs"], enc["offset_mapping"])
                 scores, cache, first = prefill(model, capture, ids)
                 keep = keep_masks(scores, len(ids), configs, args.window, shape)
                 record = [[] for _ in range(shape[0])]
                 replies = decode(model, cache, first, keep, args.max_gen_toks, stop, record)
-                share = kept_attention(record, len(replies[0]), keep)
-                for (label, budget), reply, kept, layers in zip(configs, replies, keep.sum(dim=-1),
-                                                               share if share is not None else [None] * len(configs)):
+                shares = attention_shares(reply_attention(record, len(replies[0])), keep, answer_rows)
+                for (label, budget), reply, kept, share in zip(configs, replies, keep.sum(dim=-1), shares):
                     text_reply = tok.decode(reply, skip_special_tokens=True)
                     logged = {"doc": doc, "doc_id": doc_id, "filtered_resps": [text_reply],
                               **task.process_results(doc, [text_reply])}
@@ -275,8 +310,7 @@ def main(argv=None) -> int:
                     if budget is not None:  # rows per (layer, KV head), the window included, as the server reports
                         row.update(kept_per_head=kept.tolist(), kept_per_layer=kept.float().mean(dim=-1).tolist(),
                                    prompt_tokens=len(ids))
-                    if layers is not None:
-                        row.update(kept_attention=layers.mean().item(), kept_attention_per_layer=layers.tolist())
+                    row.update(share)
                     results.append(row)
                 bar.update(1)
                 write(args, results, time.time() - t0)

@@ -94,10 +94,6 @@ def test_kept_attention_is_the_share_of_full_kvs_reply_attention_on_kept_rows(mo
     record = [[] for _ in range(2)]
     replies = screen.decode(model, cache, first, keep, steps=12, record=record)
     assert [len(steps) for steps in record] == [11, 11], "one entry per decode step and layer"
-    share = screen.kept_attention(record, len(replies[0]), keep)
-    assert share.shape == (3, 2)
-    assert torch.allclose(share[0], torch.ones(2)), "full KV keeps all of its own attention"
-    assert bool((share[1] > share[2]).all()), "a mask keeping 30% of rows keeps more than one keeping 10%"
     # what was recorded is full KV's attention: transformers' eager attention, at the query that fed the first token
     model.set_attn_implementation("eager")
     with torch.no_grad():
@@ -106,7 +102,28 @@ def test_kept_attention_is_the_share_of_full_kvs_reply_attention_on_kept_rows(mo
     for layer, steps in enumerate(record):
         reference = eager[layer][0, :, N, :N].reshape(-1, g, N).sum(dim=1)
         assert torch.allclose(steps[0], reference, atol=1e-5)
-    one = screen.kept_attention(record, 1, keep)
-    assert screen.kept_attention(record, 0, keep) is None, "an empty reply reads nothing"
-    # a different reference length changes the share: each step's attention counts
-    assert not torch.allclose(one[1], share[1])
+    need = screen.reply_attention(record, len(replies[0]))
+    share = screen.kept_attention(need, keep)
+    assert share.shape == (3, 2)
+    assert torch.allclose(share[0], torch.ones(2)), "full KV keeps all of its own attention"
+    assert bool((share[1] > share[2]).all()), "a mask keeping 30% of rows keeps more than one keeping 10%"
+    assert screen.reply_attention(record, 0) is None, "an empty reply reads nothing"
+    first_step = screen.kept_attention(screen.reply_attention(record, 1), keep)
+    assert not torch.allclose(first_step[1], share[1]), "every step of the reply counts"
+
+
+def test_kept_answer_attention_weighs_the_answer_rows_by_the_attention_they_draw():
+    need = torch.zeros(2, 2, 10)  # [L, H_kv, n]
+    need[0, 0, 3], need[0, 1, 3], need[0, 0, 4] = 6.0, 1.0, 1.0  # layer 0: head 0 reads the answer rows most
+    need[1] = 0.5
+    keep = torch.zeros(3, 2, 2, 10, dtype=torch.bool)
+    keep[0] = True  # full KV
+    keep[1, 0, 0, 3] = True  # only head 0's row 3 in layer 0
+    keep[2, 0, 1, 3] = keep[2, 0, 0, 4] = True  # the two rows read least
+    whole, per_layer = screen.kept_answer_attention(need, keep, rows=[3, 4])
+    assert torch.allclose(per_layer[:, 0], torch.tensor([1.0, 6 / 8, 2 / 8]))
+    assert torch.allclose(per_layer[:, 1], torch.tensor([1.0, 0.0, 0.0]))
+    assert torch.allclose(whole, torch.tensor([1.0, 6 / 10, 2 / 10])), "pooled over layers: layer 1's 2.0 counts"
+    assert screen.attention_shares(None, keep, [3]) == [{}, {}, {}], "no reply, no shares"
+    fields = screen.attention_shares(need, keep, [])[1]
+    assert set(fields) == {"kept_attention", "kept_attention_per_layer"}, "no answer rows, no answer share"
