@@ -22,6 +22,12 @@ prompt's answer there depends on batch shape as much as on the instrument: compa
 many prompts, use the screen to find where to look (``--adaptive-layers``), and measure claims
 against the server (``bench.ruler`` / ``bench.quality``).
 
+Each result also carries two graded measures of the same decode, *kept attention* and *kept answer
+attention*: the share of full KV's reply attention (to all prompt rows; to the answer's rows) that
+a policy's rows keep. Measured against the server's answers in stop 31 (docs/decisions.md), neither
+ranks policies as answers do (adaptive heads win answers while keeping less of both): they
+describe, per layer, what a policy drops, and choose nothing.
+
 Writes ``bench/results/<name>.{json,md}`` in ``bench.ruler``'s format (summary.py's tables,
 intervals and paired tests), after every prompt.
 """
