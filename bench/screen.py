@@ -252,7 +252,7 @@ def attention_markdown(results, budgets, field: str) -> str:
     by_case = {(r["case"], r["policy"], r["budget"]): r[f"{field}_per_layer"] for r in graded}
     cases = sorted({r["case"] for r in graded})
     for b in budgets:
-        for first, second in summary.pairs([x for x in labels if x != summary.FULL]):
+        for first, second in summary.pairs(labels):  # full KV pairs with nothing
             diffs = [[100 * (x - y) for x, y in zip(by_case[c, first, b], by_case[c, second, b])]
                      for c in cases if (c, first, b) in by_case and (c, second, b) in by_case]
             if diffs:
