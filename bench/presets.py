@@ -3,14 +3,15 @@ argparse defaults) and the policy labels each request turns into ``custom_params
 
 from __future__ import annotations
 
-from dkv_sglang.policy.config import ALLOCATIONS, PolicyConfig
+from dkv_sglang.policy.config import ALLOCATIONS, HEAD_BUDGETS, PolicyConfig
 
 POLICIES = ("dynamickv", "snapkv", "pyramidkv", "streamingllm")
 # A label is a policy, optionally ":allocation" (DynamicKV's --kv-allocation; plain "dynamickv"
-# is the server's default) and "+adaptive" (--kv-head-budgets adaptive): "dynamickv:floor+adaptive".
+# is the server's default) and "+<mode>" (--kv-head-budgets <mode>): "dynamickv:floor+adaptive".
+HEAD_MODES = tuple(h for h in HEAD_BUDGETS if h != "uniform")
 VARIANTS = (*(f"dynamickv:{a}" for a in ALLOCATIONS),
-            *(f"{p}+adaptive" for p in ("dynamickv", "snapkv", "pyramidkv")),
-            *(f"dynamickv:{a}+adaptive" for a in ALLOCATIONS))
+            *(f"{p}+{h}" for h in HEAD_MODES for p in ("dynamickv", "snapkv", "pyramidkv")),
+            *(f"dynamickv:{a}+{h}" for h in HEAD_MODES for a in ALLOCATIONS))
 LABELS = POLICIES + VARIANTS
 DEFAULT_ALLOCATION = PolicyConfig.allocation  # what a plain "dynamickv" label runs with
 

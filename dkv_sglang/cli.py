@@ -30,7 +30,8 @@ FLAGS = {
     "--kv-allocation": ("allocation", str, (f"DynamicKV's layer budgets from the global top-k: {', '.join(ALLOCATIONS)} "
                                             f"(default {PolicyConfig.allocation}; reference = the paper's; README 'Allocations')")),
     "--kv-head-budgets": ("head_budgets", str, (f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
-                                                "(adaptive = Ada-KV: one top-k over the layer's heads; "
+                                                "(adaptive = Ada-KV: one top-k over the layer's heads, on contrast; shares = the same top-k "
+                                                "on each head's share of its mass; "
                                                 "dynamickv, snapkv, pyramidkv)")),
 }
 

@@ -20,7 +20,8 @@ import torch
 from .config import SINKS, PolicyConfig
 from .dynamickv import Selection, fill_surplus, layer_kept, selection
 from .reduce import LOCAL
-from .scoring import pool_scores, typical_row
+from .heads import head_scale
+from .scoring import pool_scores
 
 PYRAMID_BETA = 20  # PyramidKV: the top layer keeps base / beta rows
 
@@ -30,7 +31,7 @@ def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig, 
     for scores, k in zip(layer_scores, counts):
         pooled = pool_scores(scores.float().cpu(), cfg.kernel, cfg.pooling)
         ranked, order = pooled.sort(dim=-1, descending=True, stable=True)  # ties: earlier position first
-        layers.append(layer_kept(ranked, order, typical_row(pooled), k, n, cfg, reducer))
+        layers.append(layer_kept(ranked, order, head_scale(pooled, cfg.head_budgets), k, n, cfg, reducer))
     return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)
 
 

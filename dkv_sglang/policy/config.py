@@ -11,8 +11,9 @@ POOLINGS = ("avg", "max")
 # reference = the paper's code; the others are the hypotheses of issue 14, each one change.
 ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks", "contrast")
 SINKS = 4  # attention sinks: the first prompt tokens, which most heads attend to whatever they read
-# How a layer's rows are shared by its KV heads (heads.py): the same count each, or Ada-KV's.
-HEAD_BUDGETS = ("uniform", "adaptive")
+# How a layer's rows are shared by its KV heads (heads.py): the same count each, or one top-k over
+# the heads (Ada-KV's), the heads competing on contrast (adaptive) or on shares of their mass.
+HEAD_BUDGETS = ("uniform", "adaptive", "shares")
 
 
 class PolicyConfigError(ValueError):
@@ -49,7 +50,9 @@ class PolicyConfig:
                      row, not for flat attention whose rows are interchangeable).
     head_budgets:    ``uniform``: every KV head of a layer keeps the layer's count; ``adaptive``:
                      the layer's heads share H x count rows by one top-k (Ada-KV), each head
-                     keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv).
+                     keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv), each
+                     head's scores over its median row; ``shares``: the same top-k, each head's
+                     scores as shares of its window mass outside the first SINKS rows.
     """
 
     policy: str = "full"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SINKS, PolicyConfig
-from .heads import adaptive_counts, ragged_kept
+from .heads import adaptive_counts, head_scale, ragged_kept
 from .reduce import LOCAL
 from .scoring import pool_scores, typical_row
 
@@ -76,15 +76,15 @@ def selection(prompt_len: int, kept: list[torch.Tensor], counts: torch.Tensor | 
     return Selection(prompt_len, kept, counts, per_layer.tolist(), every_head.tolist())
 
 
-def layer_kept(ranked: torch.Tensor, order: torch.Tensor, typical: torch.Tensor, per_head: int, n: int,
+def layer_kept(ranked: torch.Tensor, order: torch.Tensor, scale: torch.Tensor, per_head: int, n: int,
                cfg: PolicyConfig, reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's kept positions [H, w] and rows per head [H] (window included), from each
     head's candidates best first (``ranked`` scores, ``order`` positions, [H, m]): the first
     ``per_head`` of every head, or with adaptive head budgets each head's own count, the heads
-    competing on their scores over their ``typical`` row ([H, 1], :func:`.scoring.typical_row`)."""
+    competing on their scores over their ``scale`` ([H, 1], :func:`.heads.head_scale`)."""
     heads = order.shape[0]
-    if cfg.head_budgets == "adaptive":
-        counts = adaptive_counts(ranked / typical, per_head, reducer)
+    if cfg.head_budgets != "uniform":
+        counts = adaptive_counts(ranked / scale, per_head, reducer)
     else:
         counts = torch.full((heads,), per_head, dtype=torch.int64)
     return ragged_kept(order, counts, n, cfg.window), counts + cfg.window
@@ -192,7 +192,7 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
         pooled = pooled / reducer.sum(pooled.sum(dim=(1, 2))).clamp_min(1e-30)[:, None, None]
     elif cfg.allocation == "contrast":  # each head's scores as multiples of its own typical (median) row
         pooled = pooled / typical_row(pooled)
-    typical = typical_row(pooled)  # what adaptive heads compete on (1 for contrast, already divided)
+    scale = head_scale(pooled, cfg.head_budgets)  # what adaptive heads' scores are divided by
     bs = min(cfg.rmax * cfg.base, prefix)
     sinks = min(SINKS, bs) if cfg.allocation == "sinks" else 0
     pooled[..., :sinks] = float("inf")  # the sinks first in every head (and in every head's count)
@@ -213,6 +213,6 @@ def select(layer_scores: Sequence[torch.Tensor], prompt_len: int, cfg: PolicyCon
             held[layer] = min(held[layer], budgets[layer])
 
     counts = fill_surplus(held, budgets, bs, cfg.base * num_layers) if cfg.fill_surplus else held
-    layers = [layer_kept(held_scores[layer], order[layer], typical[layer], counts[layer], n, cfg, reducer)
+    layers = [layer_kept(held_scores[layer], order[layer], scale[layer], counts[layer], n, cfg, reducer)
               for layer in range(num_layers)]
     return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)

@@ -13,15 +13,35 @@ pours its window's attention into a sink leaves its other rows tiny and loses th
 spread theirs; on SmolLM2 that left SnapKV+adaptive copying only the first digits of a 7-digit
 needle, in the server and in a transformers reference with the same keep mask alike (docs/
 decisions.md, stop 25). Dividing by a per-head factor leaves each head's own order unchanged.
+
+Contrast favours heavy-tailed heads, though: a head that looks at a few tokens has a low median,
+so even its middling rows stand far above it, and it outbids a head whose attention is spread
+(``shares`` measures the other way, stop 32). ``shares`` divides each head's scores by its total
+over the prefix less the first SINKS rows: every head has the same mass to share out, as on raw
+mass (Ada-KV's, which gives spread heads more rows), but a sink no longer shrinks the rest.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .config import SINKS
 from .reduce import LOCAL
+from .scoring import typical_row
 
 ALPHA = 0.2  # Ada-KV's default safeguard share
+
+
+def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
+    """[..., H, 1] what each head's pooled prefix scores ([..., H, m]) are divided by before its
+    heads compete: the median row (``adaptive``) or the mass past the first SINKS rows
+    (``shares``); 1 for ``uniform``, where heads do not compete."""
+    if mode == "adaptive":
+        return typical_row(pooled)
+    if mode == "shares":
+        rest = pooled[..., SINKS:] if pooled.shape[-1] > SINKS else pooled
+        return rest.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    return torch.ones_like(pooled[..., :1])
 
 
 def adaptive_counts(ranked: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:

@@ -71,8 +71,9 @@ def test_adaptive_heads_keep_the_same_total_in_unequal_heads(policy, allocation)
     assert min(min(layer) for layer in sel.kept_per_head) < 40 < max(max(layer) for layer in sel.kept_per_head)
 
 
+@pytest.mark.parametrize("heads", ["adaptive", "shares"])
 @pytest.mark.parametrize("policy", ["snapkv", "dynamickv"])
-def test_a_sink_head_keeps_rows_that_stand_out_from_its_own_background(policy):
+def test_a_sink_head_keeps_rows_that_stand_out_from_its_own_background(policy, heads):
     # Head 0 pours most of the window's attention into a sink (position 0); a needle (10-16)
     # stands 1000x above its background but is small in raw mass. Head 1 spreads its attention
     # evenly. On raw mass head 1's every row beats the needle, and head 0 keeps only its floor.
@@ -81,7 +82,7 @@ def test_a_sink_head_keeps_rows_that_stand_out_from_its_own_background(policy):
     head0[0], head0[10:17] = 7.0, 0.01
     head1 = torch.full((n - window,), 0.04)
     scores = [torch.stack([head0, head1])] * 2
-    cfg = PolicyConfig(policy=policy, budget=budget, window=window, head_budgets="adaptive", pooling="max", kernel=1)
+    cfg = PolicyConfig(policy=policy, budget=budget, window=window, head_budgets=heads, pooling="max", kernel=1)
     sel = select(scores, n, cfg)
     mask = sel.keep_mask()
     assert mask[:, 0, 10:17].all(), "the needle stays in the sink head"
@@ -99,6 +100,20 @@ def test_adaptive_heads_ignore_how_loud_each_head_is(policy, allocation):
     sel = select(scores, 158, cfg)
     assert torch.equal(sel.keep_mask(), select(loud, 158, cfg).keep_mask())
     assert len(set(sel.counts[:, 0].tolist() + sel.counts[:, 2].tolist())) > 1, "heads keep unequal rows"
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "dynamickv"])
+def test_shares_give_a_spread_head_more_rows_than_contrast_does(policy):
+    # Head 0's attention has a steep tail, head 1's is spread. Contrast divides by the median,
+    # which a steep tail keeps low, so head 0's middling rows outbid head 1's; shares divide by
+    # the head's mass, the same for both, so head 1 gets back some of those rows.
+    g = torch.Generator().manual_seed(11)
+    scores = [torch.rand(2, 240, generator=g).pow(torch.tensor([[3.0], [1.0]])) for _ in range(4)]
+    counts = {heads: select(scores, 248, PolicyConfig(policy=policy, budget=40, head_budgets=heads, pooling="max",
+                                                      kernel=1)).counts.sum(dim=0)
+              for heads in ("shares", "adaptive", "uniform")}
+    assert counts["adaptive"][1] < counts["shares"][1] < counts["uniform"][1], counts
+    assert counts["shares"].sum() == counts["adaptive"].sum() == counts["uniform"].sum()
 
 
 def test_streamingllm_ignores_head_budgets():
