@@ -31,7 +31,7 @@ FLAGS = {
                                             f"(default {PolicyConfig.allocation}; reference = the paper's; README 'Allocations')")),
     "--kv-head-budgets": ("head_budgets", str, (f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
                                                 "(adaptive = Ada-KV: one top-k over the layer's heads, on contrast; shares = the same top-k "
-                                                "on each head's share of its mass; "
+                                                "on each head's share of its mass, lost SmolLM2's retrieval; "
                                                 "dynamickv, snapkv, pyramidkv)")),
 }
 
