@@ -27,12 +27,13 @@ FLAGS = {
     "--kv-pooling": ("pooling", str, f"pooling type: {', '.join(POOLINGS)}"),
     "--kv-rmax": ("rmax", int, "DynamicKV r_max: rows a layer holds before its budget is fixed, x base"),
     "--kv-update-interval": ("update_interval", int, "DynamicKV m: re-decide budgets every m layers"),
-    "--kv-allocation": ("allocation", str, (f"DynamicKV's layer budgets from the global top-k: {', '.join(ALLOCATIONS)} "
-                                            f"(default {PolicyConfig.allocation}; reference = the paper's; README 'Allocations')")),
-    "--kv-head-budgets": ("head_budgets", str, (f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
-                                                "(adaptive = Ada-KV: one top-k over the layer's heads, on contrast; shares = the same top-k "
-                                                "on each head's share of its mass, lost SmolLM2's retrieval; "
-                                                "dynamickv, snapkv, pyramidkv)")),
+    "--kv-allocation": ("allocation", str, (
+        f"DynamicKV's layer budgets from the global top-k: {', '.join(ALLOCATIONS)} "
+        f"(default {PolicyConfig.allocation}; reference = the paper's; README 'Allocations')")),
+    "--kv-head-budgets": ("head_budgets", str, (
+        f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
+        "(adaptive = Ada-KV: one top-k over the layer's heads, on contrast; shares = the same top-k "
+        "on each head's share of its mass, lost SmolLM2's retrieval; dynamickv, snapkv, pyramidkv)")),
 }
 
 
