@@ -188,14 +188,14 @@ def pairs(labels) -> list[tuple[str, str]]:
     """The paired comparisons a table shows, when both sides ran: every DynamicKV label against
     SnapKV, every named allocation (``dynamickv:X``) against the server's default (plain
     ``dynamickv``, else ``dynamickv:reference``), every ``X+<mode>`` (per-head budgets) against
-    ``X``, and every ``X+shares`` against ``X+adaptive``."""
+    ``X``, and every other head mode (``X+shares``, ``X+max``) against ``X+adaptive``."""
     dkv = [p for p in labels if p.split(":")[0].split("+")[0] == "dynamickv"]
     out = [(p, "snapkv") for p in dkv if "snapkv" in labels]
     base = next((b for b in ("dynamickv", "dynamickv:reference") if b in labels), None)
     out += [(p, base) for p in dkv if base and ":" in p and "+" not in p and p != base]
     out += [(p, p.split("+")[0]) for p in labels if "+" in p and p.split("+")[0] in labels]
-    return out + [(p, p.replace("+shares", "+adaptive")) for p in labels
-                  if p.endswith("+shares") and p.replace("+shares", "+adaptive") in labels]
+    adaptive = [(p, p.split("+")[0] + "+adaptive") for p in labels if "+" in p and not p.endswith("+adaptive")]
+    return out + [(p, a) for p, a in adaptive if a in labels]
 
 
 def paired_markdown(results, task_names, budgets, first: str = "dynamickv", second: str = "snapkv") -> str:

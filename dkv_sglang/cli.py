@@ -33,7 +33,8 @@ FLAGS = {
     "--kv-head-budgets": ("head_budgets", str, (
         f"how a layer's rows are shared by its KV heads: {', '.join(HEAD_BUDGETS)} "
         "(adaptive = Ada-KV: one top-k over the layer's heads, on contrast; shares = the same top-k "
-        "on each head's share of its mass, lost SmolLM2's retrieval; dynamickv, snapkv, pyramidkv)")),
+        "on each head's share of its mass, lost SmolLM2's retrieval; max = each head the larger of "
+        "those two counts; dynamickv, snapkv, pyramidkv)")),
 }
 
 

@@ -12,8 +12,9 @@ POOLINGS = ("avg", "max")
 ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks", "contrast")
 SINKS = 4  # attention sinks: the first prompt tokens, which most heads attend to whatever they read
 # How a layer's rows are shared by its KV heads (heads.py): the same count each, or one top-k over
-# the heads (Ada-KV's), the heads competing on contrast (adaptive) or on shares of their mass.
-HEAD_BUDGETS = ("uniform", "adaptive", "shares")
+# the heads (Ada-KV's), the heads competing on contrast (adaptive) or on shares of their mass, or
+# each head the larger of those two counts (max).
+HEAD_BUDGETS = ("uniform", "adaptive", "shares", "max")
 
 
 class PolicyConfigError(ValueError):
@@ -52,7 +53,8 @@ class PolicyConfig:
                      the layer's heads share H x count rows by one top-k (Ada-KV), each head
                      keeping at least a fifth of the count (dynamickv, snapkv, pyramidkv), each
                      head's scores over its median row; ``shares``: the same top-k, each head's
-                     scores as shares of its window mass outside the first SINKS rows.
+                     scores as shares of its window mass outside the first SINKS rows; ``max``:
+                     each head the larger of its adaptive and shares counts, renormalised.
     """
 
     policy: str = "full"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SINKS, PolicyConfig
-from .heads import adaptive_counts, head_scale, ragged_kept
+from .heads import head_counts, head_scale, ragged_kept
 from .reduce import LOCAL
 from .scoring import pool_scores, typical_row
 
@@ -81,10 +81,10 @@ def layer_kept(ranked: torch.Tensor, order: torch.Tensor, scale: torch.Tensor, p
     """One layer's kept positions [H, w] and rows per head [H] (window included), from each
     head's candidates best first (``ranked`` scores, ``order`` positions, [H, m]): the first
     ``per_head`` of every head, or with adaptive head budgets each head's own count, the heads
-    competing on their scores over their ``scale`` ([H, 1], :func:`.heads.head_scale`)."""
+    competing on their scores over their ``scale`` ([H, R], :func:`.heads.head_scale`)."""
     heads = order.shape[0]
     if cfg.head_budgets != "uniform":
-        counts = adaptive_counts(ranked / scale, per_head, reducer)
+        counts = head_counts(ranked, scale, per_head, reducer)
     else:
         counts = torch.full((heads,), per_head, dtype=torch.int64)
     return ragged_kept(order, counts, n, cfg.window), counts + cfg.window

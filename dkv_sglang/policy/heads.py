@@ -19,6 +19,10 @@ so even its middling rows stand far above it, and it outbids a head whose attent
 (``shares`` measures the other way, stop 32). ``shares`` divides each head's scores by its total
 over the prefix less the first SINKS rows: every head has the same mass to share out, as on raw
 mass (Ada-KV's, which gives spread heads more rows), but a sink no longer shrinks the rest.
+
+``max`` funds a head that either rule funds (stop 34): each head's count is the larger of its
+contrast and shares counts, renormalised above the floor so the layer's total is unchanged
+(:func:`larger_counts`).
 """
 
 from __future__ import annotations
@@ -32,16 +36,53 @@ from .scoring import typical_row
 ALPHA = 0.2  # Ada-KV's default safeguard share
 
 
+# the scales each mode's heads compete on, one top-k per scale (``max`` takes the larger count)
+RULES = {"uniform": (), "adaptive": ("adaptive",), "shares": ("shares",), "max": ("adaptive", "shares")}
+
+
 def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
-    """[..., H, 1] what each head's pooled prefix scores ([..., H, m]) are divided by before its
-    heads compete: the median row (``adaptive``) or the mass past the first SINKS rows
-    (``shares``); 1 for ``uniform``, where heads do not compete."""
-    if mode == "adaptive":
-        return typical_row(pooled)
-    if mode == "shares":
-        rest = pooled[..., SINKS:] if pooled.shape[-1] > SINKS else pooled
-        return rest.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-    return torch.ones_like(pooled[..., :1])
+    """[..., H, R] what each head's pooled prefix scores ([..., H, m]) are divided by before its
+    heads compete, one column per rule the mode counts with (:data:`RULES`): the median row
+    (``adaptive``), the mass past the first SINKS rows (``shares``), or both (``max``); one
+    column of 1 for ``uniform``, where heads do not compete."""
+    columns = []
+    for rule in RULES[mode]:
+        if rule == "adaptive":
+            columns.append(typical_row(pooled))
+        else:
+            rest = pooled[..., SINKS:] if pooled.shape[-1] > SINKS else pooled
+            columns.append(rest.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+    return torch.cat(columns, dim=-1) if columns else torch.ones_like(pooled[..., :1])
+
+
+def head_counts(ranked: torch.Tensor, scale: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:
+    """[H] rows each head of one layer keeps: one :func:`adaptive_counts` per column of ``scale``
+    ([H, R], :func:`head_scale`), the heads' scores divided by it; with two columns, each head
+    the larger of its two counts (:func:`larger_counts`)."""
+    counts = [adaptive_counts(ranked / scale[:, r : r + 1], per_head, reducer) for r in range(scale.shape[1])]
+    return counts[0] if len(counts) == 1 else larger_counts(counts, per_head, reducer)
+
+
+def larger_counts(counts: list[torch.Tensor], per_head: int, reducer=LOCAL) -> torch.Tensor:
+    """[H] each head's larger count of ``counts`` (each [H], summing over all ranks' heads to
+    ``per_head x`` all heads), scaled down to that same total: every head keeps the floor
+    ``floor(ALPHA*per_head)``, and the rest go in proportion to each head's larger count above
+    the floor, in integers (largest remainder, ties to the earlier head in rank order), so every
+    rank computes the same counts. No head gets more than its larger count."""
+    heads = counts[0].shape[0]
+    larger = reducer.gather(torch.stack(counts).amax(dim=0))  # every rank's heads, rank by rank
+    floor = int(ALPHA * per_head)
+    above = larger - floor
+    rest, total = per_head * larger.shape[0] - floor * larger.shape[0], int(above.sum())
+    if total == 0:
+        share = torch.zeros_like(above)
+    else:
+        share, remainder = (above * rest) // total, (above * rest) % total
+        left = rest - int(share.sum())  # fewer than the heads: one more row each for the largest remainders
+        order = sorted(range(len(above)), key=lambda h: (-int(remainder[h]), h))
+        share[order[:left]] += 1
+    mine = share[reducer.rank * heads : (reducer.rank + 1) * heads]
+    return floor + mine
 
 
 def adaptive_counts(ranked: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:

@@ -206,6 +206,8 @@ def test_allocations_are_paired_with_snapkv_and_with_the_reference():
     assert summary.pairs(["snapkv", "snapkv+adaptive", "snapkv+shares", "pyramidkv+shares"]) == [
         ("snapkv+adaptive", "snapkv"), ("snapkv+shares", "snapkv"), ("snapkv+shares", "snapkv+adaptive")]
     assert quality.custom_params("snapkv+shares", 64)["kv_head_budgets"] == "shares"
+    assert summary.pairs(["dynamickv", "dynamickv+adaptive", "dynamickv+max", "snapkv+max"]) == [
+        ("dynamickv+adaptive", "dynamickv"), ("dynamickv+max", "dynamickv"), ("dynamickv+max", "dynamickv+adaptive")]
     assert summary.pairs(["dynamickv", "dynamickv:floor", "dynamickv:reference"]) == [
         ("dynamickv:floor", "dynamickv"), ("dynamickv:reference", "dynamickv")]
     assert quality.custom_params("snapkv+adaptive", 64) == {"kv_policy": "snapkv", "kv_head_budgets": "adaptive",

@@ -65,7 +65,7 @@ def test_every_decoded_token_is_the_references(compared, prompts):
         assert kept[len(prompt)] == sel.kept_per_head, "the engine kept the rows the reference chose"
         assert mine == reply
         unequal |= any(len(set(layer)) > 1 for layer in sel.kept_per_head)
-    assert unequal == (cfg.head_budgets != "uniform"), "adaptive heads, and only they, hold unequal rows"
+    assert unequal == (cfg.head_budgets != "uniform"), "non-uniform heads, and only they, hold unequal rows"
 
 
 def test_the_reference_sees_the_compression(compared):

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dkv_sglang.policy import PolicyConfig, select
-from dkv_sglang.policy.heads import ALPHA, adaptive_counts, ragged_kept
+from dkv_sglang.policy.heads import ALPHA, adaptive_counts, larger_counts, ragged_kept
 
 
 def test_adaptive_counts_by_hand():
@@ -71,7 +71,7 @@ def test_adaptive_heads_keep_the_same_total_in_unequal_heads(policy, allocation)
     assert min(min(layer) for layer in sel.kept_per_head) < 40 < max(max(layer) for layer in sel.kept_per_head)
 
 
-@pytest.mark.parametrize("heads", ["adaptive", "shares"])
+@pytest.mark.parametrize("heads", ["adaptive", "shares", "max"])
 @pytest.mark.parametrize("policy", ["snapkv", "dynamickv"])
 def test_a_sink_head_keeps_rows_that_stand_out_from_its_own_background(policy, heads):
     # Head 0 pours most of the window's attention into a sink (position 0); a needle (10-16)
@@ -114,6 +114,52 @@ def test_shares_give_a_spread_head_more_rows_than_contrast_does(policy):
               for heads in ("shares", "adaptive", "uniform")}
     assert counts["adaptive"][1] < counts["shares"][1] < counts["uniform"][1], counts
     assert counts["shares"].sum() == counts["adaptive"].sum() == counts["uniform"].sum()
+
+
+def test_larger_counts_by_hand():
+    # 3 heads, 10 rows each (floor 2): contrast funds head 0, shares heads 1 and 2. The larger
+    # counts [22, 14, 14] are 20, 12, 12 above the floor; the 24 rows above the floor go 480/44,
+    # 288/44, 288/44 = 10 r40, 6 r24, 6 r24, and the 2 left to the largest remainders, head 1
+    # before head 2 on the tie.
+    contrast, shares = torch.tensor([22, 4, 4]), torch.tensor([2, 14, 14])
+    assert larger_counts([contrast, shares], 10).tolist() == [13, 9, 8]
+    assert larger_counts([shares, contrast], 10).tolist() == [13, 9, 8], "the order of the rules does not matter"
+    assert larger_counts([contrast, contrast], 10).tolist() == [22, 4, 4], "where the rules agree, their counts"
+    assert larger_counts([torch.tensor([2, 2]), torch.tensor([2, 2])], 2).tolist() == [2, 2]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 30), st.integers(0, 2**31 - 1))
+def test_larger_counts_properties(heads, per_head, seed):
+    g = torch.Generator().manual_seed(seed)
+    floor = int(ALPHA * per_head)
+
+    def split():  # counts of a rule: each at least the floor, summing to heads x per_head
+        extra = torch.multinomial(torch.ones(heads), (per_head - floor) * heads, replacement=True, generator=g)
+        return floor + torch.bincount(extra, minlength=heads)
+
+    rules = [split(), split()]
+    counts = larger_counts(rules, per_head)
+    assert int(counts.sum()) == heads * per_head
+    assert (counts >= floor).all() and (counts <= torch.stack(rules).amax(dim=0)).all()
+    if heads == 2:  # with two heads each count lies between the rules'
+        assert (counts >= torch.stack(rules).amin(dim=0)).all()
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "dynamickv"])
+def test_max_funds_the_head_either_rule_funds(policy):
+    # The scores of the shares test: contrast funds head 0 and starves head 1, shares the reverse.
+    # max gives each head the larger of the two counts, scaled to the same total, so each head
+    # keeps more than the rule that starves it gives, and less than the rule that funds it.
+    g = torch.Generator().manual_seed(11)
+    scores = [torch.rand(2, 240, generator=g).pow(torch.tensor([[3.0], [1.0]])) for _ in range(4)]
+    counts = {heads: select(scores, 248, PolicyConfig(policy=policy, budget=40, head_budgets=heads, pooling="max",
+                                                      kernel=1)).counts
+              for heads in ("shares", "adaptive", "max")}
+    low, high = torch.minimum(counts["adaptive"], counts["shares"]), torch.maximum(counts["adaptive"], counts["shares"])
+    assert ((low <= counts["max"]) & (counts["max"] <= high)).all(), counts
+    assert ((low < counts["max"]) & (counts["max"] < high)).any(), "strictly between where the rules differ"
+    assert counts["max"].sum() == counts["adaptive"].sum()
 
 
 def test_streamingllm_ignores_head_budgets():

@@ -23,6 +23,9 @@ CASES = [
     PolicyConfig(policy="dynamickv", budget=24, window=8, rmax=3, head_budgets="adaptive"),
     PolicyConfig(policy="snapkv", budget=24, window=8, head_budgets="adaptive"),
     PolicyConfig(policy="pyramidkv", budget=40, window=8, head_budgets="adaptive"),
+    PolicyConfig(policy="dynamickv", budget=40, window=8, rmax=3, head_budgets="shares"),
+    PolicyConfig(policy="dynamickv", budget=40, window=8, rmax=3, head_budgets="max"),
+    PolicyConfig(policy="snapkv", budget=24, window=8, head_budgets="max"),
 ]
 
 
