@@ -73,7 +73,7 @@ def larger_counts(counts: list[torch.Tensor], per_head: int, reducer=LOCAL) -> t
     larger = reducer.gather(torch.stack(counts).amax(dim=0))  # every rank's heads, rank by rank
     floor = int(ALPHA * per_head)
     above = larger - floor
-    rest, total = per_head * larger.shape[0] - floor * larger.shape[0], int(above.sum())
+    rest, total = (per_head - floor) * larger.shape[0], int(above.sum())
     if total == 0:
         share = torch.zeros_like(above)
     else:

@@ -6,7 +6,7 @@ prefill (:class:`bench.needle_layers.ScoreCapture`), lets the policy's ``select`
 and then decodes greedily from its own KV cache, every generated token attending only to those
 prompt rows (per KV head) and to the generated tokens before it: ``bench.screen``'s decode, batched
 with a full-KV row beside it. In float32 every token must be the engine's, for uniform heads and
-for adaptive (ragged) heads.
+for ragged heads (adaptive, max).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ def reference(tiny_model):
     return AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).eval()
 
 
-@pytest.fixture(scope="module", params=[("snapkv", "uniform"), ("snapkv", "adaptive"), ("dynamickv", "adaptive")],
-                ids=lambda p: "+".join(p))
+@pytest.fixture(scope="module", ids=lambda p: "+".join(p),
+                params=[("snapkv", "uniform"), ("snapkv", "adaptive"), ("dynamickv", "adaptive"), ("dynamickv", "max")])
 def served(request, tiny_model, prompts):
     policy, heads = request.param
     run = run_engine(tiny_model, prompts, kv_policy=policy, kv_budget=BUDGET, kv_head_budgets=heads)
