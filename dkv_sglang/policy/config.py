@@ -13,8 +13,9 @@ ALLOCATIONS = ("reference", "proportional", "normalized", "floor", "sinks", "con
 SINKS = 4  # attention sinks: the first prompt tokens, which most heads attend to whatever they read
 # How a layer's rows are shared by its KV heads (heads.py): the same count each, or one top-k over
 # the heads (Ada-KV's), the heads competing on contrast (adaptive) or on shares of their mass, or
-# each head the larger of those two counts (max).
-HEAD_BUDGETS = ("uniform", "adaptive", "shares", "max")
+# each head the larger of those two counts (max). Each mode names the scales its top-ks run on.
+HEAD_RULES = {"uniform": (), "adaptive": ("adaptive",), "shares": ("shares",), "max": ("adaptive", "shares")}
+HEAD_BUDGETS = tuple(HEAD_RULES)
 
 
 class PolicyConfigError(ValueError):

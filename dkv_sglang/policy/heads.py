@@ -29,24 +29,20 @@ from __future__ import annotations
 
 import torch
 
-from .config import SINKS
+from .config import HEAD_RULES, SINKS
 from .reduce import LOCAL
 from .scoring import typical_row
 
 ALPHA = 0.2  # Ada-KV's default safeguard share
 
 
-# the scales each mode's heads compete on, one top-k per scale (``max`` takes the larger count)
-RULES = {"uniform": (), "adaptive": ("adaptive",), "shares": ("shares",), "max": ("adaptive", "shares")}
-
-
 def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
     """[..., H, R] what each head's pooled prefix scores ([..., H, m]) are divided by before its
-    heads compete, one column per rule the mode counts with (:data:`RULES`): the median row
+    heads compete, one column per rule the mode counts with (``HEAD_RULES``): the median row
     (``adaptive``), the mass past the first SINKS rows (``shares``), or both (``max``); one
     column of 1 for ``uniform``, where heads do not compete."""
     columns = []
-    for rule in RULES[mode]:
+    for rule in HEAD_RULES[mode]:
         if rule == "adaptive":
             columns.append(typical_row(pooled))
         else:
