@@ -41,14 +41,17 @@ def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
     heads compete, one column per rule the mode counts with (``HEAD_RULES``): the median row
     (``adaptive``), the mass past the first SINKS rows (``shares``), or both (``max``); one
     column of 1 for ``uniform``, where heads do not compete."""
-    columns = []
-    for rule in HEAD_RULES[mode]:
-        if rule == "adaptive":
-            columns.append(typical_row(pooled))
-        else:
-            rest = pooled[..., SINKS:] if pooled.shape[-1] > SINKS else pooled
-            columns.append(rest.sum(dim=-1, keepdim=True).clamp_min(1e-30))
+    columns = [RULE_SCALES[rule](pooled) for rule in HEAD_RULES[mode]]
     return torch.cat(columns, dim=-1) if columns else torch.ones_like(pooled[..., :1])
+
+
+def mass_past_sinks(pooled: torch.Tensor) -> torch.Tensor:
+    """[..., 1] each head's pooled mass outside the first SINKS rows (``shares``' scale)."""
+    rest = pooled[..., SINKS:] if pooled.shape[-1] > SINKS else pooled
+    return rest.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+RULE_SCALES = {"adaptive": typical_row, "shares": mass_past_sinks}  # a rule's name -> what its heads' scores are over
 
 
 def head_counts(ranked: torch.Tensor, scale: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:
