@@ -14,19 +14,20 @@ lengths and metric (lm-eval's ``process_results``) score the replies.
 ``tests/engine/test_reference_decode.py`` holds this decode to the engine: on a tiny Llama in
 float32 it reproduces the server's greedy tokens exactly, for uniform and adaptive heads. On a real
 model far below full KV, replies are near-ties token after token and any numeric difference moves
-them. Qwen2.5-Coder, ``ruler_vt`` at 4k, budget 128, float32 (stop 30, docs/allocations.md): the
-screen and the server (``bench.ruler``, requests in batches of 16) gave the same score on 73 of
-100 (prompt, label) replies (full KV 16 of 20); on 5 prompts where SnapKV's differed, the engine
-asked one request at a time gave a third reply on 3, the screen's on 1, the server's on 1. So a
-prompt's answer there depends on batch shape as much as on the instrument: compare policies over
-many prompts, use the screen to find where to look (``--adaptive-layers``), and measure claims
-against the server (``bench.ruler`` / ``bench.quality``).
+them. Qwen2.5-Coder, ``ruler_vt`` at 4k, budget 128, float32 (``screen30-vt-qwen`` against
+``server30-vt-qwen``, docs/allocations.md): the screen and the server (``bench.ruler``, requests in
+batches of 16) gave the same score on 73 of 100 (prompt, label) replies (full KV 16 of 20); on 5
+prompts where SnapKV's differed, the engine asked one request at a time gave a third reply on 3, the
+screen's on 1, the server's on 1. So a prompt's answer there depends on batch shape as much as on
+the instrument: compare policies over many prompts, use the screen to find where to look
+(``--adaptive-layers``), and measure claims against the server (``bench.ruler`` /
+``bench.quality``).
 
 Each result also carries two graded measures of the same decode, *kept attention* and *kept answer
-attention*: the share of full KV's reply attention (to all prompt rows; to the answer's rows) that
-a policy's rows keep. Measured against the server's answers in stop 31 (docs/decisions.md), neither
-ranks policies as answers do (adaptive heads win answers while keeping less of both): they
-describe, per layer, what a policy drops, and choose nothing.
+attention*: the share of full KV's reply attention (to all prompt rows; to the answer's rows) that a
+policy's rows keep. Measured against the server's answers (docs/allocations.md, "Does kept attention
+stand in for answers?"), neither ranks policies as answers do (adaptive heads win answers while
+keeping less of both): they describe, per layer, what a policy drops, and choose nothing.
 
 Writes ``bench/results/<name>.{json,md}`` in ``bench.ruler``'s format (summary.py's tables,
 intervals and paired tests), after every prompt.

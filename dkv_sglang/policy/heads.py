@@ -7,22 +7,24 @@ rest go to one top-k over all heads' remaining scores, so a head whose attention
 more rows than a head that looks at a few tokens. The layer's total, and so the request's, is
 unchanged: the budgets still sum to ``budget x L x H``.
 
-Heads compete on contrast, not raw mass: each head's scores divided by its own typical (median)
-row (:func:`.scoring.typical_row`; :func:`.dynamickv.layer_kept` divides). On raw mass (Ada-KV's choice), a head that
-pours its window's attention into a sink leaves its other rows tiny and loses them to heads that
-spread theirs; on SmolLM2 that left SnapKV+adaptive copying only the first digits of a 7-digit
-needle, in the server and in a transformers reference with the same keep mask alike (docs/
-decisions.md, stop 25). Dividing by a per-head factor leaves each head's own order unchanged.
+Heads compete on contrast, not raw mass: each head's scores divided by its own typical (median) row
+(:func:`.scoring.typical_row`; :func:`.dynamickv.layer_kept` divides). On raw mass (Ada-KV's
+choice), a head that pours its window's attention into a sink leaves its other rows tiny and loses
+them to heads that spread theirs; on SmolLM2 that left SnapKV+adaptive copying only the first digits
+of a 7-digit needle, in the server and in a transformers reference with the same keep mask alike
+(docs/decisions.md, "Adaptive head budgets compete on contrast, not raw mass", 2026-12-03).
+Dividing by a per-head factor leaves each head's own order unchanged.
 
-Contrast favours heavy-tailed heads, though: a head that looks at a few tokens has a low median,
-so even its middling rows stand far above it, and it outbids a head whose attention is spread
-(``shares`` measures the other way, stop 32). ``shares`` divides each head's scores by its total
-over the prefix less the first SINKS rows: every head has the same mass to share out, as on raw
-mass (Ada-KV's, which gives spread heads more rows), but a sink no longer shrinks the rest.
+Contrast favours heavy-tailed heads, though: a head that looks at a few tokens has a low median, so
+even its middling rows stand far above it, and it outbids a head whose attention is spread
+(``shares`` measures the other way: docs/allocations.md, its screens of 2026-12-04). ``shares``
+divides each head's scores by its total over the prefix less the first SINKS rows: every head has
+the same mass to share out, as on raw mass (Ada-KV's, which gives spread heads more rows), but a
+sink no longer shrinks the rest.
 
-``max`` funds a head that either rule funds (stop 34): each head's count is the larger of its
-contrast and shares counts, renormalised above the floor so the layer's total is unchanged
-(:func:`larger_counts`).
+``max`` funds a head that either rule funds (docs/decisions.md, 2026-12-04): each head's count is
+the larger of its contrast and shares counts, renormalised above the floor so the layer's total is
+unchanged (:func:`larger_counts`).
 """
 
 from __future__ import annotations
