@@ -13,42 +13,49 @@ StreamingLLM has no scores to share rows by and keeps the same rows in every hea
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from .config import SINKS, PolicyConfig
-from .dynamickv import Selection, fill_surplus, layer_kept, selection
+from .dynamickv import fill_surplus
+from .heads import head_rows, head_scale, kept_positions, safeguard
+from .ranking import top_rows
 from .reduce import LOCAL
-from .heads import head_scale
 from .scoring import pool_scores
 
 PYRAMID_BETA = 20  # PyramidKV: the top layer keeps base / beta rows
 
 
-def _top_prefix(layer_scores, counts: Sequence[int], n: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection:
-    layers = []
-    for scores, k in zip(layer_scores, counts):
-        pooled = pool_scores(scores.float().cpu(), cfg.kernel, cfg.pooling)
-        ranked, order = pooled.sort(dim=-1, descending=True, stable=True)  # ties: earlier position first
-        layers.append(layer_kept(ranked, order, head_scale(pooled, cfg.head_budgets), k, n, cfg, reducer))
-    return selection(n, [k for k, _ in layers], torch.stack([c for _, c in layers]), reducer)
+def _top_prefix(scores: torch.Tensor, per_layer: list[int], n: int, cfg: PolicyConfig,
+                reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (request, layer) keeps ``per_layer[l]`` top prefix rows per head by pooled score
+    (or, with adaptive head budgets, its heads share ``H x per_layer[l]``), plus the window."""
+    requests, _, heads, prefix = scores.shape
+    pooled = pool_scores(scores.float(), cfg.kernel, cfg.pooling)
+    most = max(per_layer)
+    # a head keeps at most its floor and all of the layer's top-k: only those rows are ranked
+    every = heads * reducer.world
+    rows = most if cfg.head_budgets == "uniform" else max(safeguard(k) + (k - safeguard(k)) * every for k in per_layer)
+    ranked, order = top_rows(pooled, min(rows, prefix))  # ties: earlier position first
+    per_head = torch.tensor(per_layer, dtype=torch.int64, device=scores.device).expand(requests, -1)
+    counts = head_rows(ranked, head_scale(pooled, cfg.head_budgets), per_head, most, cfg.head_budgets, reducer)
+    return kept_positions(order, counts, n, cfg.window), counts + cfg.window
 
 
-def select_streamingllm(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
+def choose_streamingllm(scores: torch.Tensor, prompt_len: int, cfg: PolicyConfig,
+                        reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every head of every layer keeps the first SINKS tokens and the most recent ones."""
     n = prompt_len
-    if n <= cfg.budget:
-        return None
     sinks = min(SINKS, cfg.budget - 1)
-    heads = layer_scores[0].shape[0]
-    pos = torch.cat([torch.arange(sinks), torch.arange(n - (cfg.budget - sinks), n)])
-    return selection(n, [pos.expand(heads, -1).clone() for _ in layer_scores], reducer=reducer)
+    device = scores.device
+    pos = torch.cat([torch.arange(sinks, device=device), torch.arange(n - (cfg.budget - sinks), n, device=device)])
+    shape = scores.shape[:-1]
+    return pos.expand(*shape, -1).clone(), torch.full(shape, cfg.budget, dtype=torch.int64, device=device)
 
 
-def select_snapkv(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
-    if prompt_len <= cfg.budget:
-        return None
-    return _top_prefix(layer_scores, [cfg.base] * len(layer_scores), prompt_len, cfg, reducer)
+def choose_snapkv(scores: torch.Tensor, prompt_len: int, cfg: PolicyConfig,
+                  reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """SnapKV: ``base`` top prefix rows per head in every layer, plus the window."""
+    return _top_prefix(scores, [cfg.base] * scores.shape[1], prompt_len, cfg, reducer)
 
 
 def pyramid_budgets(num_layers: int, base: int, cap: int) -> list[int]:
@@ -65,8 +72,8 @@ def pyramid_budgets(num_layers: int, base: int, cap: int) -> list[int]:
     return fill_surplus(capped, budgets, cap, base * num_layers)
 
 
-def select_pyramidkv(layer_scores, prompt_len: int, cfg: PolicyConfig, reducer=LOCAL) -> Selection | None:
-    if prompt_len <= cfg.budget:
-        return None
-    counts = pyramid_budgets(len(layer_scores), cfg.base, prompt_len - cfg.window)
-    return _top_prefix(layer_scores, counts, prompt_len, cfg, reducer)
+def choose_pyramidkv(scores: torch.Tensor, prompt_len: int, cfg: PolicyConfig,
+                     reducer=LOCAL) -> tuple[torch.Tensor, torch.Tensor]:
+    """PyramidKV: SnapKV's selection under :func:`pyramid_budgets`."""
+    per_layer = pyramid_budgets(scores.shape[1], cfg.base, prompt_len - cfg.window)
+    return _top_prefix(scores, per_layer, prompt_len, cfg, reducer)

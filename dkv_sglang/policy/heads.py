@@ -30,12 +30,22 @@ unchanged (:func:`larger_counts`).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .config import HEAD_RULES, SINKS
+from .ranking import EXCLUDED, item_of, rank_keys
 from .reduce import LOCAL
 from .scoring import typical_row
 
 ALPHA = 0.2  # Ada-KV's default safeguard share
+
+
+def safeguard(per_head):
+    """floor(ALPHA x per_head): the rows every head keeps whatever the others score (an int
+    for an int, elementwise for an int64 tensor)."""
+    if isinstance(per_head, int):
+        return int(ALPHA * per_head)
+    return (per_head.to(torch.float64) * ALPHA).to(torch.int64)
 
 
 def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
@@ -56,79 +66,110 @@ def mass_past_sinks(pooled: torch.Tensor) -> torch.Tensor:
 RULE_SCALES = {"adaptive": typical_row, "shares": mass_past_sinks}  # a rule's name -> what its heads' scores are over
 
 
-def head_counts(ranked: torch.Tensor, scale: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:
-    """[H] rows each head of one layer keeps: one :func:`adaptive_counts` per column of ``scale``
-    ([H, R], :func:`head_scale`), the heads' scores divided by it; with two columns, each head
-    the larger of its two counts (:func:`larger_counts`)."""
-    counts = [adaptive_counts(ranked / scale[:, r : r + 1], per_head, reducer) for r in range(scale.shape[1])]
-    return counts[0] if len(counts) == 1 else larger_counts(counts, per_head, reducer)
+def head_rows(ranked: torch.Tensor, scale: torch.Tensor, per_head: torch.Tensor, most: int, mode: str,
+              reducer=LOCAL) -> torch.Tensor:
+    """[R, L, H] prefix rows each head keeps when every (request, layer) keeps ``per_head``
+    ([R, L] int64, at most ``most``) rows per head on average.
+
+    ``uniform``: each head ``per_head``. Otherwise one :func:`adaptive_rows` per column of
+    ``scale`` ([R, L, H, C], :func:`head_scale`), the heads' candidate scores ``ranked``
+    ([R, L, H, m], best first) divided by it; with two columns, each head the larger of its two
+    counts (:func:`larger_rows`).
+    """
+    if mode == "uniform":
+        return per_head[..., None].expand(ranked.shape[:-1]).clone()
+    counts = [adaptive_rows(ranked / scale[..., r : r + 1], per_head, most, reducer) for r in range(scale.shape[-1])]
+    return counts[0] if len(counts) == 1 else larger_rows(counts, per_head, reducer)
 
 
-def larger_counts(counts: list[torch.Tensor], per_head: int, reducer=LOCAL) -> torch.Tensor:
-    """[H] each head's larger count of ``counts`` (each [H], summing over all ranks' heads to
-    ``per_head x`` all heads), scaled down to that same total: every head keeps the floor
-    ``floor(ALPHA*per_head)``, and the rest go in proportion to each head's larger count above
-    the floor, in integers (largest remainder, ties to the earlier head in rank order), so every
-    rank computes the same counts. No head gets more than its larger count."""
-    heads = counts[0].shape[0]
-    larger = reducer.gather(torch.stack(counts).amax(dim=0))  # every rank's heads, rank by rank
-    floor = int(ALPHA * per_head)
+def adaptive_rows(ranked: torch.Tensor, per_head: torch.Tensor, most: int, reducer=LOCAL) -> torch.Tensor:
+    """Rows each head keeps when the heads of a (request, layer) share ``H x per_head``.
+
+    Args:
+        ranked:   [R, L, H, m] each head's candidate scores relative to its typical row, sorted
+                  descending (m >= per_head).
+        per_head: [R, L] int64, the uniform count; ``most`` bounds it (a host int).
+        reducer:  the tensor-parallel group: ``H`` is this rank's share of the heads, and the
+                  top-k runs over all ranks' heads (one gather for the whole batch).
+
+    Returns:
+        [R, L, H] int64 counts, each in [floor(ALPHA*per_head), m], summing over all ranks'
+        heads to ``per_head x`` all heads: each head's first floor(ALPHA*per_head) rows, then one
+        top-k over the rest of all heads, rows tying the k-th score to earlier heads (rank order).
+    """
+    *lead, heads, m = ranked.shape
+    every = heads * reducer.world
+    first = heads * reducer.rank
+    floor = safeguard(per_head)
+    k = (per_head - floor) * every
+    kmax = (most - safeguard(most)) * every
+    if kmax == 0:
+        return floor[..., None].expand(*lead, heads).clone()
+    device = ranked.device
+    keys = rank_keys(ranked, torch.arange(first, first + heads, device=device)[:, None])
+    keys = keys.masked_fill(torch.arange(m, device=device) < floor[..., None, None], EXCLUDED).flatten(-2)
+    best = keys.topk(min(kmax, keys.shape[-1]), dim=-1).values
+    if reducer.world > 1:
+        best = reducer.gather(best, dim=-1)
+        best = best.topk(min(kmax, best.shape[-1]), dim=-1).values
+    won = torch.arange(best.shape[-1], device=device) < k[..., None]
+    head = torch.where(won, item_of(best), 0)
+    wins = torch.zeros(*lead, every, dtype=torch.int64, device=device).scatter_add_(-1, head, won.long())
+    return floor[..., None] + wins[..., first : first + heads]
+
+
+def larger_rows(counts: list[torch.Tensor], per_head: torch.Tensor, reducer=LOCAL) -> torch.Tensor:
+    """[R, L, H] each head's larger count of ``counts`` (each [R, L, H], summing over all
+    ranks' heads to ``per_head x`` all heads), scaled down to that same total: every head keeps
+    the floor ``floor(ALPHA*per_head)``, and the rest go in proportion to each head's larger
+    count above the floor, in integers (largest remainder, ties to the earlier head in rank
+    order), so every rank computes the same counts. No head gets more than its larger count."""
+    heads = counts[0].shape[-1]
+    larger = reducer.gather(torch.stack(counts).amax(dim=0), dim=-1)  # every rank's heads, rank by rank
+    every = larger.shape[-1]
+    floor = safeguard(per_head)[..., None]
     above = larger - floor
-    rest, total = (per_head - floor) * larger.shape[0], int(above.sum())
-    if total == 0:
-        share = torch.zeros_like(above)
-    else:
-        share, remainder = (above * rest) // total, (above * rest) % total
-        left = rest - int(share.sum())  # fewer than the heads: one more row each for the largest remainders
-        order = sorted(range(len(above)), key=lambda h: (-int(remainder[h]), h))
-        share[order[:left]] += 1
-    mine = share[reducer.rank * heads : (reducer.rank + 1) * heads]
-    return floor + mine
+    rest = (per_head[..., None] - floor) * every
+    total = above.sum(dim=-1, keepdim=True)
+    spread = above * rest
+    share, remainder = spread // total.clamp_min(1), spread % total.clamp_min(1)
+    left = rest - share.sum(dim=-1, keepdim=True)  # fewer than the heads: one more each for the largest remainders
+    mine, theirs = remainder[..., :, None], remainder[..., None, :]
+    head = torch.arange(every, device=larger.device)
+    ahead = ((theirs > mine) | ((theirs == mine) & (head < head[:, None]))).sum(dim=-1)
+    share = (share + (ahead < left)).masked_fill(total == 0, 0)
+    return floor + share[..., reducer.rank * heads : (reducer.rank + 1) * heads]
+
+
+def kept_positions(order: torch.Tensor, counts: torch.Tensor, n: int, window: int) -> torch.Tensor:
+    """[..., H, m + window] ascending positions each head keeps: the first ``counts`` ([..., H])
+    prefix positions of ``order`` ([..., H, m], best first), then the window, then ``n - 1`` (its
+    last window position) repeated to the common width, so scattering the positions into a mask
+    gives exactly each head's rows."""
+    m = order.shape[-1]
+    device = order.device
+    chosen = torch.where(torch.arange(m, device=device) < counts[..., None], order, n).sort(dim=-1).values
+    col = torch.arange(m + window, device=device)
+    after = (n - window + col - counts[..., None]).clamp_max(n - 1)  # the window, then n - 1
+    return torch.where(col < counts[..., None], F.pad(chosen, (0, window), value=n), after)
 
 
 def adaptive_counts(ranked: torch.Tensor, per_head: int, reducer=LOCAL) -> torch.Tensor:
-    """Rows each head of one layer keeps when its heads share ``H x per_head``.
+    """[H] :func:`adaptive_rows` of one layer ([H, m] ``ranked``, an int ``per_head``)."""
+    if per_head > ranked.shape[-1]:
+        raise ValueError(f"{per_head} rows per head asked of {ranked.shape[-1]} candidates")
+    wanted = torch.full((1, 1), per_head, dtype=torch.int64, device=ranked.device)
+    return adaptive_rows(ranked[None, None], wanted, per_head, reducer)[0, 0]
 
-    Args:
-        ranked:   [H, m] each head's candidate scores relative to its typical row, sorted
-                  descending (m >= per_head).
-        per_head: the uniform count.
-        reducer:  the tensor-parallel group: ``H`` is this rank's share of the heads, and the
-                  top-k runs over all ranks' heads.
 
-    Returns:
-        [H] int64 counts, each in [floor(ALPHA*per_head), m], summing over all ranks' heads to
-        ``per_head x`` all heads. Rows tying the k-th score go to earlier heads (rank order).
-    """
-    heads, m = ranked.shape
-    if per_head > m:
-        raise ValueError(f"{per_head} rows per head asked of {m} candidates")
-    floor = int(ALPHA * per_head)
-    rest = ranked[:, floor:]
-    k = (per_head - floor) * heads * reducer.world
-    counts = torch.full((heads,), floor, dtype=torch.int64)
-    if k == 0:
-        return counts
-    best = reducer.gather(rest.reshape(-1).topk(min(k, rest.numel())).values)
-    kth = best.topk(k).values[-1]
-    above = (rest > kth).sum(dim=1)
-    ties = (rest == kth).sum(dim=1)
-    left = k - int(reducer.sum(above.sum().reshape(1)))
-    all_ties = reducer.gather(ties)  # every head's ties, rank by rank
-    before = torch.cumsum(all_ties, 0) - all_ties
-    take = (left - before).clamp(min=0).minimum(all_ties)
-    mine = take[reducer.rank * heads : (reducer.rank + 1) * heads]
-    return counts + above + mine
+def larger_counts(counts: list[torch.Tensor], per_head: int, reducer=LOCAL) -> torch.Tensor:
+    """[H] :func:`larger_rows` of one layer ([H] counts, an int ``per_head``)."""
+    wanted = torch.full((1, 1), per_head, dtype=torch.int64, device=counts[0].device)
+    return larger_rows([c[None, None] for c in counts], wanted, reducer)[0, 0]
 
 
 def ragged_kept(order: torch.Tensor, counts: torch.Tensor, n: int, window: int) -> torch.Tensor:
-    """[H, w] what one layer keeps when head h keeps the first ``counts[h]`` prefix positions of
-    ``order[h]``, plus the window; ascending, and a head keeping fewer rows than the widest
-    repeats ``n - 1`` (its last window position) at the end, so scattering the positions into a
-    mask gives exactly each head's rows."""
-    heads = order.shape[0]
-    width = int(counts.max()) if heads else 0
-    pos = order[:, :width].clone()
-    pos[torch.arange(width)[None, :] >= counts[:, None]] = n - 1
-    win = torch.arange(n - window, n).expand(heads, window)
-    return torch.cat([pos, win], dim=1).sort(dim=1).values
+    """[H, w] :func:`kept_positions` of one layer, cut to its widest head (w = the largest
+    count + window)."""
+    width = int(counts.max()) if order.shape[0] else 0
+    return kept_positions(order, counts, n, window)[:, : width + window]
