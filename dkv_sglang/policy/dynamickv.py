@@ -166,10 +166,13 @@ def choose(
     requests, num_layers, _, prefix = scores.shape
     pooled = pool_scores(scores.float(), cfg.kernel, cfg.pooling)
     if cfg.allocation == "normalized":  # each layer's scores as shares of its own total (all ranks' heads)
-        pooled = pooled / reducer.sum(pooled.sum(dim=(2, 3))).clamp_min(1e-30)[..., None, None]
-    elif cfg.allocation == "contrast":  # each head's scores as multiples of its own typical (median) row
-        pooled = pooled / typical_row(pooled)
-    scale = head_scale(pooled, cfg.head_budgets)  # what adaptive heads' scores are divided by
+        pooled.div_(reducer.sum(pooled.sum(dim=(2, 3))).clamp_min(1e-30)[..., None, None])
+    median = None
+    if cfg.allocation == "contrast":  # each head's scores as multiples of its own typical (median) row
+        median = pooled.median(dim=-1, keepdim=True).values
+        typical = typical_row(pooled, median)
+        pooled, median = pooled.div_(typical), median / typical  # a positive divisor keeps the median row
+    scale = head_scale(pooled, cfg.head_budgets, median)  # what adaptive heads' scores are divided by
     bs = min(cfg.rmax * cfg.base, prefix)
     sinks = min(SINKS, bs) if cfg.allocation == "sinks" else 0
     if sinks:  # the sinks first in every head (and in every head's count)

@@ -48,12 +48,14 @@ def safeguard(per_head):
     return (per_head.to(torch.float64) * ALPHA).to(torch.int64)
 
 
-def head_scale(pooled: torch.Tensor, mode: str) -> torch.Tensor:
+def head_scale(pooled: torch.Tensor, mode: str, median: torch.Tensor | None = None) -> torch.Tensor:
     """[..., H, R] what each head's pooled prefix scores ([..., H, m]) are divided by before its
     heads compete, one column per rule the mode counts with (``HEAD_RULES``): the median row
     (``adaptive``), the mass past the first SINKS rows (``shares``), or both (``max``); one
-    column of 1 for ``uniform``, where heads do not compete."""
-    columns = [RULE_SCALES[rule](pooled) for rule in HEAD_RULES[mode]]
+    column of 1 for ``uniform``, where heads do not compete. ``median`` ([..., H, 1]): each
+    head's median row, when the caller knows it."""
+    columns = [typical_row(pooled, median) if rule == "adaptive" else RULE_SCALES[rule](pooled)
+               for rule in HEAD_RULES[mode]]
     return torch.cat(columns, dim=-1) if columns else torch.ones_like(pooled[..., :1])
 
 

@@ -20,15 +20,17 @@ EXCLUDED = torch.iinfo(torch.int64).min  # below every real key: an entry that t
 
 
 def ordered_bits(scores: torch.Tensor) -> torch.Tensor:
-    """int64, as scores compare: float32 bits, the negative ones' magnitude bits flipped."""
-    bits = (scores.float() + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into 0.0
-    return (bits ^ ((bits >> 31) & LOW)).to(torch.int64)
+    """int32, as scores compare: a float32's magnitude bits, negated for a negative float
+    (so -0.0 and 0.0 are both 0)."""
+    bits = scores.float().contiguous().view(torch.int32)
+    magnitude, sign = bits & LOW, bits >> 31  # sign: 0 or -1
+    return magnitude.bitwise_xor_(sign).sub_(sign)
 
 
 def rank_keys(scores: torch.Tensor, item: torch.Tensor | int) -> torch.Tensor:
     """int64 keys of ``scores``, ties broken by ``item`` (broadcast; 0 <= item < 2**31),
     the earlier item higher."""
-    return ordered_bits(scores) * 2**32 + (LOW - item)
+    return ordered_bits(scores).to(torch.int64).bitwise_left_shift_(32).add_(LOW - item)
 
 
 def item_of(keys: torch.Tensor) -> torch.Tensor:
@@ -38,8 +40,8 @@ def item_of(keys: torch.Tensor) -> torch.Tensor:
 
 def score_bits(score: float) -> int:
     """``ordered_bits`` of one host float, computed on the host (to compare keys' high halves with)."""
-    (bits,) = struct.unpack("<i", struct.pack("<f", score + 0.0))
-    return bits ^ ((bits >> 31) & LOW)
+    (bits,) = struct.unpack("<i", struct.pack("<f", score))
+    return -(bits & LOW) if bits < 0 else bits
 
 
 NEG_INF = score_bits(float("-inf"))
