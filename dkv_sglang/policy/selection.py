@@ -15,26 +15,27 @@ class Selection:
 
     ``positions`` [L, H, W] int64 (on the scores' device): each head's kept prompt positions,
     ascending, window included; a head keeping fewer than W repeats ``n - 1`` (its last window
-    position) at the end, so a mask scattered from it is exact. ``kept[l]`` is layer l's rows of
-    it cut to the layer's widest head ([H, w_l]); ``counts[l, h]`` is how many rows head h keeps
-    in layer l (window included). ``kept_per_layer`` (rows per head, averaged over heads) and
-    ``kept_per_head`` [L][H] count the heads of every tensor-parallel rank.
+    position) at the end, so a mask scattered from it is exact. ``counts[l, h]`` is how many
+    rows head h keeps in layer l (window included), ``widths[l]`` the most any head of layer l
+    keeps. ``kept_per_layer`` (rows per head, averaged over heads) and ``kept_per_head`` [L][H]
+    count the heads of every tensor-parallel rank.
     """
 
     prompt_len: int
-    kept: list[torch.Tensor]
+    positions: torch.Tensor
     counts: torch.Tensor
+    widths: list[int]
     kept_per_layer: list[int]
     kept_per_head: list[list[int]]
-    positions: torch.Tensor | None = None
+
+    @property
+    def kept(self) -> list[torch.Tensor]:
+        """Per layer, [H, w_l] its heads' positions cut to its widest head (w_l = ``widths[l]``)."""
+        return [pos[:, :width] for pos, width in zip(self.positions.unbind(0), self.widths)]
 
     def keep_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
         """[L, H, n] bool on ``device`` (default: the positions'): True where (layer, head,
         position) is kept."""
-        if self.positions is None:
-            width = max(k.shape[1] for k in self.kept)
-            pad = [torch.nn.functional.pad(k, (0, width - k.shape[1]), value=self.prompt_len - 1) for k in self.kept]
-            return keep_masks(torch.stack(pad)[None], self.prompt_len)[0].to(device or pad[0].device)
         return keep_masks(self.positions[None].to(device or self.positions.device), self.prompt_len)[0]
 
 
@@ -47,14 +48,14 @@ def keep_masks(positions: torch.Tensor, prompt_len: int) -> torch.Tensor:
 def selections(positions: torch.Tensor, counts: torch.Tensor, prompt_len: int, reducer=LOCAL) -> list[Selection]:
     """One :class:`Selection` per request from :func:`~dkv_sglang.policy.choose`'s output
     (positions [R, L, H, W], counts [R, L, H]), reading the counts to the host once (every rank
-    of a tensor-parallel group must call it: it gathers the counts, one collective)."""
+    of a tensor-parallel group must call it: it gathers the counts, one collective). A fixed
+    number of tensor ops, whatever R."""
     heads = counts.shape[-1]
     every_head = reducer.gather(counts, dim=-1).cpu()  # [R, L, all heads]: the one host read
-    mine = every_head[..., reducer.rank * heads : (reducer.rank + 1) * heads]
-    widths = mine.amax(dim=-1).tolist() if heads else [[0] * counts.shape[1]] * counts.shape[0]
-    per_layer = (every_head.sum(dim=-1) // every_head.shape[-1]).tolist()
-    out = []
-    for r, layer_widths in enumerate(widths):
-        kept = [positions[r, layer, :, :width] for layer, width in enumerate(layer_widths)]
-        out.append(Selection(prompt_len, kept, counts[r], per_layer[r], every_head[r].tolist(), positions[r]))
-    return out
+    first = reducer.rank * heads
+    per_head = every_head.tolist()
+    return [
+        Selection(prompt_len, pos, count, [max(layer[first : first + heads], default=0) for layer in mine],
+                  [sum(layer) // len(layer) for layer in mine], mine)
+        for pos, count, mine in zip(positions.unbind(0), counts.unbind(0), per_head)
+    ]

@@ -1,8 +1,8 @@
 """The policy code as it was before selection was batched (issue 37), kept verbatim as the oracle
 that tests/policy/test_batched.py compares the batched selection with, row for row.
 
-Copied from dkv_sglang/policy/heads.py, dynamickv.py and baselines.py at b49bec7; only imports
-changed. Test-only: nothing in dkv_sglang imports it.
+Copied from dkv_sglang/policy/scoring.py (pooling, typical row), heads.py, dynamickv.py and
+baselines.py at b49bec7; only imports changed. Test-only: nothing in dkv_sglang imports it.
 """
 
 from __future__ import annotations
@@ -11,10 +11,40 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from dkv_sglang.policy.config import HEAD_RULES, SINKS, PolicyConfig
 from dkv_sglang.policy.reduce import LOCAL
-from dkv_sglang.policy.scoring import pool_scores, typical_row
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: str) -> torch.Tensor:
+    """1-D pooling along the last axis, stride 1, padding kernel//2 (the length is kept).
+
+    ``avg`` counts the zero padding in the mean, as ``F.avg_pool1d``'s default does.
+    """
+    shape = scores.shape
+    x = scores.reshape(-1, 1, shape[-1])
+    if pooling == "avg":
+        y = F.avg_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    elif pooling == "max":
+        y = F.max_pool1d(x, kernel, stride=1, padding=kernel // 2)
+    else:
+        raise ValueError(f"unknown pooling {pooling!r}")
+    return y.reshape(shape)
+
+
+def typical_row(pooled: torch.Tensor) -> torch.Tensor:
+    """[..., 1] each head's typical (median) score over the last axis, floored at 1e-6 of its
+    mean (and above 0), so a head whose median row is 0 still divides by something.
+
+    Raw window mass is not comparable across heads: a head that pours its attention into a few
+    tokens (a sink) leaves its other rows tiny, however far they stand above the rest of that
+    head. Divided by it, a row scores how far it stands above its own head's background (the
+    ``contrast`` allocation, and how heads compete under adaptive head budgets).
+    """
+    typical = pooled.median(dim=-1, keepdim=True).values
+    return torch.maximum(typical, 1e-6 * pooled.mean(dim=-1, keepdim=True)).clamp_min(1e-30)
+
 
 ALPHA = 0.2  # Ada-KV's default safeguard share
 

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dkv_sglang.policy import PolicyConfig, choose, keep_masks, select, select_batch
+from dkv_sglang.policy import PolicyConfig, choose, keep_masks, pool_scores, select, select_batch
 from dkv_sglang.policy.config import ALLOCATIONS, HEAD_BUDGETS
 from dkv_sglang.policy.ranking import top_rows
 
@@ -174,12 +174,15 @@ def test_choose_costs_the_same_ops_whatever_the_prompt_or_batch_and_never_syncs(
     assert positions.device.type == counts.device.type == "meta"
 
 
-def test_select_batch_reads_the_host_once():
+def test_select_batch_costs_the_same_ops_for_one_request_or_many():
     cfg = PolicyConfig(policy="dynamickv", budget=128, head_budgets="adaptive")
-    scores = torch.rand(4, 8, 4, 1000)
-    with OpCounter() as counter:
-        select_batch(scores, 1008, cfg)
-    assert not counter.syncs  # the counts' one .cpu() is no op on the host; .tolist() of it is host work
+    counters = []
+    for requests in (1, 5):
+        with OpCounter() as counter:
+            select_batch(torch.rand(requests, 8, 4, 1000), 1008, cfg)
+        counters.append(counter)
+    assert sum(counters[0].ops.values()) == sum(counters[1].ops.values())
+    assert not counters[1].syncs  # its one host read (.cpu() of the counts) is no op on a CPU tensor
 
 
 # Tensor parallelism, batched: two gloo ranks, each half of the heads of three requests at once.
@@ -243,3 +246,14 @@ def test_tensor_parallel_batches_keep_the_legacy_rows(tmp_path):
             (mask0, layer0, head0), (mask1, layer1, head1) = ranks[0][seed][r], ranks[1][seed][r]
             assert layer0 == layer1 == old.kept_per_layer and head0 == head1 == old.kept_per_head, cfg
             assert torch.equal(torch.cat([mask0, mask1], dim=1), old.keep_mask()), cfg
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 7, 9])
+def test_avg_pooling_is_avg_pool1d_bit_for_bit(kernel):
+    g = torch.Generator().manual_seed(kernel)
+    for length in (1, 2, kernel, 50, 333):
+        for x in (torch.rand(5, length, generator=g), torch.randn(2, 3, length, generator=g) * 1e4,
+                  torch.rand(4, length, generator=g).pow(9)):
+            for dtype in (torch.float32, torch.bfloat16, torch.float64):
+                y = x.to(dtype)
+                assert torch.equal(pool_scores(y, kernel, "avg"), _legacy.pool_scores(y, kernel, "avg"))
