@@ -3,14 +3,15 @@
 Given each layer's window scores (see :mod:`.scoring`) for requests with prompts of ``n``
 tokens, decide which prompt tokens every (request, layer, KV head) keeps. Everything runs on
 the scores' device as a fixed number of tensor ops per batch, whatever ``n`` or the number of
-requests; the only loop is over the update points of step 3. The steps follow the paper's released code
-(DESIGN.md section 4); each function here is one step so tests can check them on paper:
+requests, and reads nothing back to the host; the only loop is over the update points of step
+3. The steps follow the paper's released code (DESIGN.md section 4); each function here is one
+step so tests can check them on paper:
 
 1. pool the scores (:func:`~.scoring.pool_scores`);
 2. every layer first holds its top ``bs = min(rmax * base, n - ws)`` prefix tokens per head;
 3. every ``m`` layers (and after the last), one global top-k over the rows held by the layers
    seen so far counts winners per layer and re-decides all their budgets
-   (:func:`update_budgets`); a layer is cut to its budget, and the reference never grows it back;
+   (:func:`layer_budgets`); a layer is cut to its budget, and the reference never grows it back;
 4. what is kept: the first ``budget_l`` held tokens of each head, plus the window (with
    ``--kv-head-budgets adaptive`` the layer's heads share ``H x budget_l`` of their held
    tokens, :mod:`.heads`).
@@ -37,7 +38,7 @@ from .heads import head_rows, head_scale, kept_positions
 from .ranking import LOW, NEG_INF, item_of, rank_keys, top_rows
 from .reduce import LOCAL
 from .scoring import pool_scores, typical_row
-from .selection import Selection
+from .selection import Selection  # re-exported: its home before selection.py
 
 __all__ = ["Selection", "choose", "fill_surplus", "fill_surplus_rows", "layer_budgets", "update_budgets",
            "update_points"]
