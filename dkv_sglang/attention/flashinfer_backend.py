@@ -84,17 +84,19 @@ class DkvFlashInferAttnBackend(AttentionBackend):
             self._plan_extend(forward_batch)
 
     def _plan_decode(self, forward_batch, bs: int) -> None:
-        seq_lens = _as_list(_host_seq_lens(forward_batch))[:bs]
-        slots = _as_list(forward_batch.req_pool_indices[:bs])
-        vids = [self.req_to_token[s, :n] for s, n in zip(slots, seq_lens)]
-        pool = self.pool
-        rows = [pool.decode_rows(pool.start_layer + layer, slots, vids) for layer in range(pool.table.num_layers)]
-        tables = pt.tables_from_rows(rows, pool.row_page_size)
+        """Every layer's page tables with a fixed number of ops (indices straight into the CUDA
+        graph's static buffer when one is replayed), lengths from the host."""
+        fb, pool = forward_batch, self.pool
+        slots = pt.host_ints(getattr(fb, "req_pool_indices_cpu", None), fb.req_pool_indices)[:bs]
+        seq_lens = pt.host_ints(fb.seq_lens_cpu, fb.seq_lens)[:bs]
+        step = pt.decode_rows(pool.kept, pool.table.row_of, self.req_to_token, slots, seq_lens)
+        out = self.kernels.graph_indices if self.kernels.in_graph else None
+        tables = pt.decode_tables(step, pool.row_page_size, out=out)
         self.kernels.plan_decode(tables, self.group, self.pool.head_dim, self.pool.dtype)
 
     def _plan_extend(self, fb) -> None:
-        rpis = _as_list(fb.req_pool_indices)
-        seq_lens = _as_list(_host_seq_lens(fb))
+        rpis = pt.host_ints(getattr(fb, "req_pool_indices_cpu", None), fb.req_pool_indices).tolist()
+        seq_lens = pt.host_ints(fb.seq_lens_cpu, fb.seq_lens).tolist()
         ext_lens = _as_list(fb.extend_seq_lens_cpu if fb.extend_seq_lens_cpu is not None else fb.extend_seq_lens)
         prefix_lens = [s - e for s, e in zip(seq_lens, ext_lens)]
         replay = any((p := self.pool.plan_of(r)) is not None and p.replay is not None for r in rpis)
@@ -176,10 +178,6 @@ class DkvFlashInferAttnBackend(AttentionBackend):
 
     def get_cuda_graph_seq_len_fill_value(self):
         return 1
-
-
-def _host_seq_lens(fb):
-    return fb.seq_lens_cpu if fb.seq_lens_cpu is not None else fb.seq_lens.cpu()
 
 
 def _q_heads(model_runner) -> int:

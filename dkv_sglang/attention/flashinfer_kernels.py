@@ -95,14 +95,19 @@ class FlashInferKernels:
     def eager_decode(self) -> None:
         self.active = self.decode_wrappers
 
+    @property
+    def in_graph(self) -> bool:
+        """A captured batch's static wrappers are active (decode indices go to ``graph_indices``)."""
+        return self.active is not self.decode_wrappers
+
     def plan_decode(self, tables: PageTables, num_qo_heads: int, head_dim: int, dtype) -> None:
         """Plan every layer's wrapper (host work: L plans); graph wrappers get their buffers refilled."""
-        graph = self.active is not self.decode_wrappers
-        if graph:
+        if self.in_graph:
             n = tables.indices.numel()
             if n > self.graph_indices.numel():
                 raise RuntimeError(f"{n} indices exceed the static buffer of {self.graph_indices.numel()}")
-            self.graph_indices[:n].copy_(tables.indices, non_blocking=True)
+            if tables.indices.data_ptr() != self.graph_indices.data_ptr():
+                self.graph_indices[:n].copy_(tables.indices, non_blocking=True)
             indices = self.graph_indices[:0]  # already in place: the plan copies nothing
         else:
             indices = tables.indices

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from ..memory.row_table import HeadRows
+from ..memory.kept_index import KeptIndex
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,164 @@ class PageTables:
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(indptr [E+1], indices (all layers), last_page_len [E]) of one layer, on the device."""
         return self.indptr[layer], self.indices, self.last_page_len[layer]
+
+
+@dataclass
+class DecodeGroup:
+    """Requests of a decode batch read the same way, padded to one width.
+
+    members:      [Bg] int64 host: their places in the batch (``members_dev`` on the device).
+    rows:         [Bg, L, H, W] device: each (request, layer, head)'s rows first, in position
+                  order, then padding (any row id; never attended to).
+    lens:         [Bg, L, H] int64 host: rows each head attends to.
+    lens_dev:     the same on the device.
+    compressed:   rows come from the kept-row index (else from req_to_token and the row table).
+    """
+
+    members: np.ndarray
+    members_dev: torch.Tensor
+    rows: torch.Tensor
+    lens: np.ndarray
+    lens_dev: torch.Tensor
+    compressed: bool
+
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([Bg, H, W] int64 rows, [Bg, H, W] bool: attended) of one layer."""
+        rows = self.rows[:, layer].long()
+        width = torch.arange(rows.shape[2], device=rows.device)
+        valid = width[None, None, :] < self.lens_dev[:, layer, :, None]
+        if not self.compressed:  # a row the table no longer holds is never read
+            valid = valid & (rows >= 0)
+        return rows.clamp_min(0), valid
+
+
+@dataclass
+class DecodeRows:
+    """What one decode step reads, for every layer: the batch split into at most two groups
+    (compressed requests from :class:`KeptIndex`, the others from ``req_to_token``), each read
+    with a fixed number of ops whatever the batch size. Both backends read it: the torch
+    backend attends to each group's padded rows, FlashInfer pages them (:func:`decode_tables`)."""
+
+    batch_size: int
+    groups: list[DecodeGroup]
+
+
+def decode_rows(index: KeptIndex, row_of: torch.Tensor, req_to_token: torch.Tensor, slots: np.ndarray,
+                seq_lens: np.ndarray) -> DecodeRows:
+    """The rows a decode batch attends to. ``slots`` and ``seq_lens`` are SGLang's host-side
+    ``req_pool_indices_cpu`` and ``seq_lens_cpu`` (the new token included): nothing is read
+    back from the device."""
+    slots = np.asarray(slots, dtype=np.int64)
+    seq_lens = np.asarray(seq_lens, dtype=np.int64)
+    device = row_of.device
+    num_layers, num_heads = row_of.shape[0], row_of.shape[1]
+    live = index.live(slots, seq_lens)
+    groups = []
+    members = np.flatnonzero(live)
+    if len(members):
+        s, n = slots[members], seq_lens[members]
+        width = index.width(s, n)
+        rows = index.rows.index_select(0, _to(s, device))[..., :width]
+        lens = index.lens(s, n)
+        groups.append(DecodeGroup(members, _to(members, device), rows, lens, _to(lens, device), True))
+    members = np.flatnonzero(~live)
+    if len(members):
+        s, n = slots[members], seq_lens[members]
+        width = int(n.max())
+        vids = req_to_token.index_select(0, _to(s, req_to_token.device))[:, :width].to(device, torch.int64)  # [Bu, W]
+        rows = row_of[:, :, vids].permute(2, 0, 1, 3)  # [Bu, L, H, W]
+        lens = np.broadcast_to(n[:, None, None], (len(n), num_layers, num_heads)).copy()
+        groups.append(DecodeGroup(members, _to(members, device), rows, lens, _to(lens, device), False))
+    return DecodeRows(len(slots), groups)
+
+
+def _to(a: np.ndarray, device) -> torch.Tensor:
+    """A host array on the device: an upload, never a wait for the device."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    return t if torch.device(device).type == "cpu" else t.to(device, non_blocking=True)
+
+
+def host_ints(host, device_tensor) -> np.ndarray:
+    """SGLang's host copy of a batch field (``seq_lens_cpu``, ``req_pool_indices_cpu``) as
+    numpy; only a caller without one (a test's hand-built batch) reads the device tensor."""
+    t = host if host is not None else device_tensor.cpu()
+    return t.numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
+def decode_tables(step: DecodeRows, page_size: int = 1, out: torch.Tensor | None = None) -> PageTables:
+    """Page tables of every layer for a decode step, with a fixed number of ops per group
+    (never per request or layer): ``indptr`` and ``last_page_len`` come from host lengths
+    (cumsums in numpy), ``indices`` from one gather per group into ``out`` (the CUDA graph's
+    static buffer) when given. Each group's rows must fill pages in order when
+    ``page_size > 1`` (the paged row table lays them out so); page ids are the page-start rows
+    divided by the page size."""
+    num_layers = step.groups[0].rows.shape[1] if step.groups else 0
+    num_heads = step.groups[0].rows.shape[2] if step.groups else 0
+    b, device = step.batch_size, step.groups[0].rows.device if step.groups else torch.device("cpu")
+    kv_lens = np.zeros((num_layers, b, num_heads), dtype=np.int64)
+    for g in step.groups:
+        kv_lens[:, g.members] = g.lens.transpose(1, 0, 2)
+    pages = (kv_lens + page_size - 1) // page_size  # [L, B, H]
+    flat = pages.reshape(-1)
+    ptr = np.zeros(flat.size + 1, dtype=np.int64)
+    np.cumsum(flat, out=ptr[1:])
+    nnz = int(ptr[-1])
+    entries = b * num_heads
+    indptr = ptr[np.arange(num_layers)[:, None] * entries + np.arange(entries + 1)[None, :]]
+    last = np.where(kv_lens > 0, kv_lens - (pages - 1) * page_size, 0).reshape(num_layers, entries)
+    if out is None:
+        out = torch.empty(nnz, dtype=torch.int32, device=device)
+    elif out.numel() < nnz:
+        raise RuntimeError(f"{nnz} indices exceed the static buffer of {out.numel()}")
+    for g in step.groups:
+        _gather_pages(g, pages, ptr, entries, page_size, out, whole=len(step.groups) == 1)
+    indptr32 = torch.from_numpy(indptr.astype(np.int32))
+    last32 = torch.from_numpy(last.astype(np.int32))
+    if torch.device(device).type == "cuda":  # pinned: FlashInfer's plan copies them without a sync
+        indptr32, last32 = indptr32.pin_memory(), last32.pin_memory()
+    return PageTables(
+        indices=out[:nnz],
+        indptr=indptr32.to(device, non_blocking=True),
+        last_page_len=last32.to(device, non_blocking=True),
+        indptr_cpu=indptr32,
+        last_page_len_cpu=last32,
+        kv_lens_cpu=torch.from_numpy(kv_lens.reshape(num_layers, entries)),
+        page_size=page_size,
+    )
+
+
+def _gather_pages(g: DecodeGroup, pages: np.ndarray, ptr: np.ndarray, entries: int, page_size: int,
+                  out: torch.Tensor, whole: bool) -> None:
+    """Write one group's page ids into ``out`` at its entries' offsets: a run expanded on the
+    device (``repeat_interleave`` with a host-known size: no sync), one gather, and one put
+    unless the group is the whole batch (its pages are then ``out``'s first ``total``, in order)."""
+    num_layers, num_heads = g.rows.shape[1], g.rows.shape[2]
+    src = g.rows[..., ::page_size] if page_size > 1 else g.rows  # page-start rows [Bg, L, H, Wp]
+    src = src.transpose(0, 1).reshape(-1)  # entries in the tables' order: layer, request, head
+    wp = g.rows[..., ::page_size].shape[3] if page_size > 1 else g.rows.shape[3]
+    n_pages = pages[:, g.members].reshape(-1)  # [L, Bg, H] flattened
+    total = int(n_pages.sum())
+    if total == 0:
+        return
+    first = np.cumsum(n_pages) - n_pages  # each entry's first page among the group's
+    device = src.device
+    # int32 index math when it fits (half the memory traffic of int64: ~4M ids at batch 128)
+    itype = np.int32 if max(src.numel(), len(out)) < 2**31 else np.int64
+    n_dev = _to(n_pages, device)
+    step = torch.arange(total, dtype=torch.int32 if itype is np.int32 else torch.int64, device=device)
+    src_start = np.arange(n_pages.size, dtype=np.int64) * wp
+    at = torch.repeat_interleave(_to((src_start - first).astype(itype), device), n_dev, output_size=total)
+    values = src.index_select(0, at.add_(step))
+    if page_size > 1:
+        values = torch.div(values, page_size, rounding_mode="floor")
+    if whole:
+        out[:total] = values
+        return
+    layer = np.arange(num_layers)[:, None, None]
+    head = np.arange(num_heads)[None, None, :]
+    start = ptr[(layer * entries + g.members[None, :, None] * num_heads + head).reshape(-1)]
+    dst = torch.repeat_interleave(_to((start - first).astype(itype), device), n_dev, output_size=total)
+    out.index_put_((dst.add_(step).long(),), values.to(out.dtype))
 
 
 def batch_vids(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: list[int]) -> torch.Tensor:
@@ -106,16 +265,6 @@ def build_tables(row_of: torch.Tensor, vids: torch.Tensor, lens: list[int], page
         per_layer.append(rows[held])
         counts.append(kept)
     kv_lens = torch.stack(counts).cpu() if counts else torch.zeros(0, len(entry_len), dtype=torch.int64)
-    return _paginate(per_layer, kv_lens, page_size, device)
-
-
-def tables_from_rows(rows: list[list[HeadRows]], page_size: int = 1) -> PageTables:
-    """Page tables of every layer from each request's head-rows per layer (what
-    ``DkvKVPool.decode_rows`` gives, the torch backend's decode reads the same); one entry per
-    (request, KV head), each as long as that head's rows."""
-    device = rows[0][0].rows.device
-    per_layer = [torch.cat([r.rows[r.mask()] for r in layer]) for layer in rows]
-    kv_lens = torch.stack([torch.cat([r.lens.cpu() for r in layer]) for layer in rows]).to(torch.int64)
     return _paginate(per_layer, kv_lens, page_size, device)
 
 

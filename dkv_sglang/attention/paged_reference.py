@@ -88,6 +88,9 @@ def merge_states(o1, s1, o2, s2) -> torch.Tensor:
 class TorchPagedKernels:
     """The kernel set of the FlashInfer backend, in plain torch (slow; for tests and checks)."""
 
+    in_graph = False
+    graph_indices = None
+
     def __init__(self):
         self._decode: PageTables | None = None
         self._prefix: PageTables | None = None

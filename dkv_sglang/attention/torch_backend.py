@@ -15,8 +15,9 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
+from . import page_table as pt
+
 from ..memory.pool import DkvKVPool
-from ..memory.row_table import HeadRows
 from ..policy import PolicyConfig, Selection, window_scores
 
 
@@ -116,46 +117,39 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             start = end
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _decode_batch(self, forward_batch) -> tuple[list[int], list[torch.Tensor]]:
-        """Each decoding request's slot and sequence (read only for uncompressed ones), once per step."""
-        if getattr(self, "_decode", (None,))[0] is not forward_batch:
-            slots = forward_batch.req_pool_indices.tolist()
-            req_to_token = self.req_to_token_pool.req_to_token
-            vids = [req_to_token[s, :n] for s, n in zip(slots, forward_batch.seq_lens.tolist())]
-            self._decode = (forward_batch, slots, vids)
-        return self._decode[1], self._decode[2]
+    def _decode_step(self, fb) -> pt.DecodeRows:
+        """What every layer of this decode step reads, built once per step from host lengths."""
+        if getattr(self, "_decode", (None,))[0] is not fb:
+            slots = pt.host_ints(getattr(fb, "req_pool_indices_cpu", None), fb.req_pool_indices)
+            seq_lens = pt.host_ints(fb.seq_lens_cpu, fb.seq_lens)
+            step = pt.decode_rows(self.pool.kept, self.pool.table.row_of, self.req_to_token_pool.req_to_token,
+                                  slots, seq_lens)
+            self._decode = (fb, step)
+        return self._decode[1]
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         q_, o = self._store_and_shape(q, k, v, layer, forward_batch, save_kv_cache)
-        slots, vids = self._decode_batch(forward_batch)
-        rows = self.pool.decode_rows(layer.layer_id, slots, vids)
-        widths = [r.rows.shape[1] for r in rows]
-        if len(rows) > 1 and 2 * sum(widths) >= len(rows) * max(widths):
-            o[:] = self._attend_padded(q_, rows, layer)
-        else:  # one request, or lengths too unequal for padding to pay: one call per request
-            for i, r in enumerate(rows):
-                mask = None if r.uniform else r.mask()[:, None, :]  # heads keeping unequal numbers
-                o[i : i + 1] = self._attend(q_[i : i + 1].movedim(0, 1), self.pool.k_rows[r.rows],
-                                            self.pool.v_rows[r.rows], layer, causal=False, mask=mask)
+        step = self._decode_step(forward_batch)
+        li = layer.layer_id - self.pool.start_layer
+        for g in step.groups:  # at most two: compressed requests, the others
+            whole = len(step.groups) == 1
+            rows, valid = g.layer(li)
+            out = self._attend_padded(q_ if whole else q_.index_select(0, g.members_dev), rows, valid, layer)
+            if whole:
+                o[:] = out
+            else:
+                o.index_copy_(0, g.members_dev, out)
         return o.view(-1, layer.tp_q_head_num * layer.v_head_dim)
 
-    def _attend_padded(self, q, rows: list[HeadRows], layer) -> torch.Tensor:
-        """A layer's decode in one SDPA call: q [B, Hq, D] against each request's rows, padded
-        to the longest (row 0, masked out per KV head). Returns [B, Hq, Dv]."""
-        b, width = len(rows), max(r.rows.shape[1] for r in rows)
-        heads = rows[0].rows.shape[0]
-        idx = torch.zeros(b, heads, width, dtype=torch.int64, device=q.device)
-        lens = torch.zeros(b, heads, dtype=torch.int64, device=q.device)
-        for i, r in enumerate(rows):
-            idx[i, :, : r.rows.shape[1]] = r.rows
-            lens[i] = r.lens
-        keys, values = self.pool.k_rows[idx], self.pool.v_rows[idx]  # [B, H, W, D]
+    def _attend_padded(self, q, rows: torch.Tensor, valid: torch.Tensor, layer) -> torch.Tensor:
+        """A layer's decode in one SDPA call: q [B, Hq, D] against rows [B, H, W] (``valid``
+        [B, H, W]: the rows each KV head attends to; the rest is padding). Returns [B, Hq, Dv]."""
+        keys, values = self.pool.k_rows[rows], self.pool.v_rows[rows]  # [B, H, W, D]
         if not (q.dtype == keys.dtype):
             keys, values = keys.to(q.dtype), values.to(q.dtype)
-        mask = torch.arange(width, device=q.device)[None, None, :] < lens[:, :, None]  # [B, H, W]
         group = layer.tp_q_head_num // layer.tp_k_head_num
         out = scaled_dot_product_attention(
-            q.unsqueeze(2), keys, values, attn_mask=mask.repeat_interleave(group, dim=1)[:, :, None, :],
+            q.unsqueeze(2), keys, values, attn_mask=valid.repeat_interleave(group, dim=1)[:, :, None, :],
             enable_gqa=group != 1, scale=layer.scaling,
         )
         return out.squeeze(2)

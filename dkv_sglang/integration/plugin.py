@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from . import routed_params, settings
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ _ADDER = "sglang.srt.managers.schedule_policy.PrefillAdder"
 _STREAM_CHUNK = (
     "sglang.srt.managers.scheduler_components.output_streamer._GenerationStreamAccumulator.accept"
 )
+_FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -74,6 +77,7 @@ def register() -> None:
         HookRegistry.register(f"{_BATCH}.prepare_for_extend", _place_extend, HookType.AFTER)
         HookRegistry.register(f"{_BATCH}.prepare_for_decode", _place_decode, HookType.AFTER)
     HookRegistry.register(f"{_BATCH}.prepare_for_decode", _index_decode, HookType.AFTER)  # after placing
+    HookRegistry.register(_FORWARD_BATCH, _decode_slots_on_host, HookType.AFTER)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
 
@@ -140,6 +144,19 @@ def _index_decode(result, batch):
     from .compressor import index_decode
 
     index_decode(batch)
+
+
+def _decode_slots_on_host(result, *args, **kwargs):
+    """SGLang hands a decode ForwardBatch its host-side lengths (``seq_lens_cpu``) but not its
+    host-side request slots; the scheduler batch keeps both. With them a decode step's page
+    tables are built without reading anything back from the device."""
+    if result is None or getattr(result, "req_pool_indices_cpu", None) is not None:
+        return
+    for arg in (*args, *kwargs.values()):
+        slots = getattr(arg, "req_pool_indices_cpu", None)
+        if isinstance(slots, torch.Tensor) and slots.numel() == result.batch_size:
+            result.req_pool_indices_cpu = slots
+            return
 
 
 def _place_decode(result, batch):

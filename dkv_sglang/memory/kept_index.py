@@ -1,87 +1,150 @@
-"""Each compressed request's kept rows, per layer, as one compact index: what decode reads.
+"""Every compressed request's kept rows, per layer and KV head, as one device tensor: what
+decode reads.
 
 Pure torch, no SGLang import. Without it a decode step would look up every token id of a
-request's whole sequence in every layer (``row_of[layer][:, vids]`` over the full prompt) and
-then drop the rows the policy freed: work that grows with the prompt although the request
-attends only to its kept rows. Here a request's rows are gathered once, when it is compressed,
-into ``rows`` [L, H, capacity] (the first ``lens[l, h]`` entries of layer ``l``, head ``h`` are
-its kept rows then its generated tokens, in position order; heads may keep unequal numbers of
-rows), and each decode step appends the new token's rows. :meth:`KeptIndex.request_rows` is what
-both attention backends read ((request, KV head) entries, positions in order): the torch backend
-attends to them, the FlashInfer backend pages them into its tables.
+request's whole sequence in every layer and then drop the rows the policy freed: work that
+grows with the prompt although the request attends only to its kept rows.
 
-Requests that were not compressed (full policy, short prompts) have no entry; they are read
-through the row table as before (every row held, nothing to drop).
+One structure for all requests, keyed by SGLang's request slot (``req_pool_idx``):
+
+- ``rows`` [S + 1, L, H, C] int32, device: slot s, layer l, head h holds its kept prompt rows
+  (position order) then one row per generated token; slot S is scratch (writes of requests
+  without an entry land there, so a decode step writes every request in one op);
+- ``base`` [S + 1, L, H] int32, device (and ``base_host``, its numpy mirror): rows each head
+  held when the entry was built. Every decode step adds one row to every head, so a head's
+  length is ``base + (seq_len - built_at)``: lengths never have to be read back from the device.
+- host bookkeeping in numpy: ``built_at`` (sequence length at build, -1: no entry), ``covered``
+  (length the entry covers now), ``widest`` (the longest head at build).
+
+A decode step appends every request's new rows with one vectorized write (:meth:`append`);
+which requests have an entry and how long their rows are is decided on the host from SGLang's
+host-side lengths (``seq_lens_cpu``), never by a device sync. Requests without an entry (full
+policy, short prompts) are read through ``req_to_token`` and the row table.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 
-from .row_table import HeadRows, RowTable
-
-
-@dataclass
-class KeptRows:
-    rows: torch.Tensor  # [L, H, capacity] int64 head-rows; [l, h, :lens[l, h]] are valid
-    lens: torch.Tensor  # [L, H] int64 (heads may keep unequal numbers)
-    covered: int  # sequence length (tokens) the entry covers
+from .row_table import RowTable
 
 
 class KeptIndex:
-    """Compact kept rows of the compressed requests, keyed by SGLang's request slot."""
+    """Compact kept rows of the compressed requests, keyed by request slot."""
 
-    def __init__(self, table: RowTable):
+    def __init__(self, table: RowTable, slots: int = 8, capacity: int = 64):
         self.table = table
-        self.entries: dict[int, KeptRows] = {}
+        self.device = table.row_of.device
+        L, H = table.num_layers, table.num_heads
+        self.rows = torch.zeros(slots + 1, L, H, capacity, dtype=torch.int32, device=self.device)
+        self.base = torch.zeros(slots + 1, L, H, dtype=torch.int32, device=self.device)
+        self.base_host = np.zeros((slots + 1, L, H), dtype=np.int64)
+        self.built_at = np.full(slots + 1, -1, dtype=np.int64)
+        self.covered = np.full(slots + 1, -1, dtype=np.int64)
+        self.widest = np.zeros(slots + 1, dtype=np.int64)
 
-    def build(self, slot: int, vids: torch.Tensor, room: int) -> None:
-        """After compression: index the rows ``vids`` (the request's whole sequence) still hold,
-        with room for ``room`` more tokens before the buffer has to grow."""
-        held = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)]  # [L, H, n]
-        valid = held >= 0
-        lens = valid.sum(dim=2)
-        width = int(lens.max()) + max(room, 1)
-        rows = torch.zeros(held.shape[0], held.shape[1], width, dtype=torch.int64, device=held.device)
-        pos = torch.cumsum(valid.long(), dim=2) - 1  # each kept token's place in its (layer, head) list
-        layer, head, tok = valid.nonzero(as_tuple=True)
-        rows[layer, head, pos[layer, head, tok]] = held[layer, head, tok].long()
-        self.entries[slot] = KeptRows(rows, lens, int(vids.numel()))
+    # -- shape ------------------------------------------------------------------------------------
+    @property
+    def scratch(self) -> int:
+        return self.rows.shape[0] - 1
+
+    @property
+    def capacity(self) -> int:
+        return self.rows.shape[3]
+
+    def _grow(self, slots: int, capacity: int) -> None:
+        """Room for slot ids below ``slots`` and ``capacity`` rows per head (doubling)."""
+        old_s, old_c = self.scratch, self.capacity
+        new_s, new_c = old_s, old_c
+        while new_s < slots:
+            new_s *= 2
+        while new_c < capacity:
+            new_c *= 2
+        if (new_s, new_c) == (old_s, old_c):
+            return
+        L, H = self.table.num_layers, self.table.num_heads
+        rows = torch.zeros(new_s + 1, L, H, new_c, dtype=torch.int32, device=self.device)
+        rows[:old_s, :, :, :old_c] = self.rows[:old_s]
+        base = torch.zeros(new_s + 1, L, H, dtype=torch.int32, device=self.device)
+        base[:old_s] = self.base[:old_s]
+        self.rows, self.base = rows, base
+        if new_s != old_s:
+            grow = new_s - old_s
+            self.base_host = np.concatenate([self.base_host[:old_s], np.zeros((grow + 1, L, H), np.int64)])
+            self.built_at = np.concatenate([self.built_at[:old_s], np.full(grow + 1, -1, np.int64)])
+            self.covered = np.concatenate([self.covered[:old_s], np.full(grow + 1, -1, np.int64)])
+            self.widest = np.concatenate([self.widest[:old_s], np.zeros(grow + 1, np.int64)])
+
+    # -- entries ------------------------------------------------------------------------------------
+    def build(self, slots: list[int], rows: torch.Tensor, counts: np.ndarray, seq_lens: list[int], room: int) -> None:
+        """After compression: index ``rows`` [R, L, H, W] (each head's kept rows first, in
+        position order, then padding) with ``counts`` [R, L, H] (host) of them valid, for the
+        requests in ``slots`` whose sequences are ``seq_lens`` long; room for ``room`` more
+        tokens before the rows have to grow. One write for the whole batch."""
+        if not slots:
+            return
+        counts = np.asarray(counts, dtype=np.int64)
+        width = rows.shape[3]
+        self._grow(max(slots) + 1, width + max(room, 1))
+        idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
+        self.rows[idx, :, :, :width] = rows.to(device=self.device, dtype=torch.int32)
+        self.base[idx] = torch.from_numpy(counts).to(device=self.device, dtype=torch.int32)
+        self.base_host[slots] = counts
+        self.built_at[slots] = seq_lens
+        self.covered[slots] = seq_lens
+        self.widest[slots] = counts.reshape(len(slots), -1).max(axis=1)
 
     def forget(self, slot: int) -> None:
-        self.entries.pop(slot, None)
+        if slot < len(self.built_at):
+            self.built_at[slot] = self.covered[slot] = -1
 
-    def append(self, slots: list[int], vids: torch.Tensor, seq_lens: list[int]) -> None:
+    def reset(self) -> None:
+        self.built_at[:] = -1
+        self.covered[:] = -1
+
+    def live(self, slots: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+        """[B] bool (host): which of ``slots`` have an entry covering ``seq_lens`` tokens."""
+        slots = np.asarray(slots, dtype=np.int64)
+        inside = slots < self.scratch
+        safe = np.where(inside, slots, self.scratch)
+        return inside & (self.built_at[safe] >= 0) & (self.covered[safe] == np.asarray(seq_lens))
+
+    def lens(self, slots: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
+        """[B, L, H] (host) rows each head of a live entry holds at ``seq_lens``."""
+        return self.base_host[slots] + (np.asarray(seq_lens) - self.built_at[slots])[:, None, None]
+
+    def width(self, slots: np.ndarray, seq_lens: np.ndarray) -> int:
+        """The longest head of live entries ``slots`` at ``seq_lens`` (host)."""
+        if len(slots) == 0:
+            return 0
+        return int((self.widest[slots] + np.asarray(seq_lens) - self.built_at[slots]).max())
+
+    def append(self, slots: np.ndarray, vids: torch.Tensor, seq_lens: np.ndarray) -> None:
         """A decode step gave each request of ``slots`` one new token ``vids[i]`` (its rows are
-        placed); ``seq_lens`` are the lengths with it. Entries of requests no longer decoding
-        (finished, retracted) are dropped; an entry that missed a step is dropped too (its
-        request is read through the row table instead)."""
-        live = set(slots)
-        for slot in [s for s in self.entries if s not in live]:
-            del self.entries[slot]
-        new_rows = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)]  # [L, H, B]
-        layers = torch.arange(new_rows.shape[0], device=new_rows.device)[:, None]
-        heads = torch.arange(new_rows.shape[1], device=new_rows.device)[None, :]
-        for i, (slot, seq_len) in enumerate(zip(slots, seq_lens)):
-            e = self.entries.get(slot)
-            if e is None:
-                continue
-            if e.covered != seq_len - 1:
-                del self.entries[slot]
-                continue
-            if int(e.lens.max()) >= e.rows.shape[2]:
-                e.rows = torch.cat([e.rows, torch.zeros_like(e.rows)], dim=2)
-            e.rows[layers, heads, e.lens] = new_rows[:, :, i].long()
-            e.lens += 1
-            e.covered = seq_len
-
-    def request_rows(self, slot: int, layer: int, vids: torch.Tensor) -> HeadRows:
-        """The head-rows one request attends to in ``layer`` (``vids``: its sequence, read only
-        when it has no entry)."""
-        e = self.entries.get(slot)
-        if e is not None and e.covered == vids.numel():
-            lens = e.lens[layer]
-            return HeadRows(e.rows[layer, :, : int(lens.max())], lens.clone())
-        return self.table.kept_rows(layer, vids)
+        placed); ``slots`` and ``seq_lens`` (the lengths with it) are host arrays. Every live entry takes its new rows in one write; an entry that missed a step
+        (its request retracted, or its slot reused) is dropped on the host, and its request is
+        read through the row table."""
+        slots = np.asarray(slots, dtype=np.int64)
+        seq_lens = np.asarray(seq_lens, dtype=np.int64)
+        if len(slots) == 0:
+            return
+        live = self.live(slots, seq_lens - 1)
+        stale = slots[~live & (slots < self.scratch)]
+        self.built_at[stale] = -1
+        self.covered[stale] = -1
+        if not live.any():
+            return
+        live_slots = slots[live]
+        need = int((self.widest[live_slots] + seq_lens[live] - self.built_at[live_slots]).max())
+        self._grow(self.scratch, need)
+        offset = np.where(live, seq_lens - 1 - self.built_at[np.where(live, slots, self.scratch)], 0)
+        target = torch.from_numpy(np.where(live, slots, self.scratch)).to(self.device, non_blocking=True)
+        offset = torch.from_numpy(offset).to(self.device, non_blocking=True)
+        new = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)].permute(2, 0, 1)  # [B, L, H]
+        col = self.base[target] + offset[:, None, None].to(torch.int32)  # [B, L, H]
+        L, H = new.shape[1], new.shape[2]
+        layers = torch.arange(L, device=self.device)[None, :, None]
+        heads = torch.arange(H, device=self.device)[None, None, :]
+        self.rows.index_put_((target[:, None, None], layers, heads, col.long()), new)
+        self.covered[live_slots] = seq_lens[live]

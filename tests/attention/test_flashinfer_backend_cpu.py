@@ -5,6 +5,7 @@ classes and layers, no engine: seconds."""
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -73,6 +74,22 @@ class World:
                 keep[layer, h, torch.randperm(n - 1, generator=g)[: k - 1]] = True
         keep[..., -1] = True
         self.pool.table.drop(vids, keep)
+        self.index(slot)
+
+    def index(self, slot: int) -> None:
+        """Index a compressed request's kept rows, as the compressor does after a cut."""
+        n = self.lens[slot]
+        held = self.pool.table.row_of[:, :, self.r2t.req_to_token[slot, :n].long()]
+        valid = held >= 0
+        order = torch.sort((~valid).int(), dim=2, stable=True).indices
+        rows = held.gather(2, order)
+        self.pool.kept.build([slot], rows[None], valid.sum(dim=2)[None].numpy(), [n], room=4)
+
+    def decode_tokens(self, slots: list[int]) -> torch.Tensor:
+        """One new token per request, indexed as the scheduler's decode hook does."""
+        new = torch.cat([self.fill(s, 1) for s in slots])
+        self.pool.kept.append(np.array(slots), new, np.array([self.lens[s] for s in slots]))
+        return new
 
     def batch(self, mode, slots, ext_lens, out_cache_loc):
         seq = torch.tensor([self.lens[s] for s in slots])
@@ -107,7 +124,7 @@ def test_decode_matches_torch_backend_over_compressed_layers(group, page_size, r
     assert len(set(held[:, 0].tolist())) > 1, "layers must keep different counts"
     assert ragged == any(len(set(layer)) > 1 for layer in held.tolist()), "heads keep unequal counts iff ragged"
     for _step in range(2):
-        new = torch.cat([w.fill(s, 1) for s in slots])
+        new = w.decode_tokens(slots)
         fb = w.batch(ForwardMode.DECODE, slots, [1] * 3, new)
         w.fi.init_forward_metadata(fb)
         for layer in w.layers:
@@ -125,7 +142,7 @@ def test_decode_reads_each_layers_own_rows(page_size):
     w.write(w.fill(1, 12))
     w.compress(1, seed=5)
     vids = w.r2t.req_to_token[1, :12].long()
-    new = w.fill(1, 1)
+    new = w.decode_tokens([1])
     fb = w.batch(ForwardMode.DECODE, [1], [1], new)
     w.fi.init_forward_metadata(fb)
     q, k, v = torch.randn(1, w.hq * D), torch.randn(1, H * D), torch.randn(1, H * D)
