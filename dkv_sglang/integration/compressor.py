@@ -5,11 +5,15 @@ runs the server's policy unless its ``custom_params`` choose another (checked on
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from ..attention.page_table import host_ints
 from ..memory.pool import DkvAllocator, PrefillPlan
-from ..policy import PolicyConfig, select
+from ..memory.row_table import RowTable
+from ..policy import PolicyConfig, Selection, select_batch
 from ..policy.request import for_request
 from .metrics import record_compression
 
@@ -58,8 +62,9 @@ def index_decode(batch) -> None:
     allocator = batch.token_to_kv_pool_allocator
     if not isinstance(allocator, DkvAllocator) or batch.out_cache_loc is None:
         return
-    slots = batch.req_pool_indices.tolist()
-    allocator.get_kvcache().kept.append(slots, batch.out_cache_loc, batch.seq_lens.tolist())
+    slots = host_ints(batch.req_pool_indices_cpu, batch.req_pool_indices)
+    seq_lens = host_ints(batch.seq_lens_cpu, batch.seq_lens)
+    allocator.get_kvcache().kept.append(slots, batch.out_cache_loc, seq_lens)
 
 
 def plan_batch(batch, config: PolicyConfig) -> None:
@@ -104,12 +109,77 @@ def _take_from_prefix_cache(req, allocator: DkvAllocator, tree_cache, req_to_tok
     return shared * allocator.table.head_rows_per_token - int(keep.sum())
 
 
+@dataclass
+class Job:
+    """One request this prefill batch completed, to be cut."""
+
+    req: object
+    rpi: int
+    seq_len: int
+    plan: PrefillPlan
+    selection: Selection | None = None
+    counts: np.ndarray | None = None  # [L, H] host: rows each of this rank's heads keeps
+
+
+def _positions(selection: Selection, seq_len: int) -> torch.Tensor:
+    """[L, H, W] what each (layer, head) of a compressed request reads, compact: its kept prompt
+    positions (ascending), then every position past the prompt (a replayed request's generated
+    tokens); the rest of a row repeats a kept position and is never read (``counts``)."""
+    pos = selection.positions
+    n = selection.prompt_len
+    extra = seq_len - n
+    if extra <= 0:
+        return pos
+    L, H, W = pos.shape
+    out = torch.cat([pos, pos.new_full((L, H, extra), n - 1)], dim=2)
+    cols = selection.counts.to(pos.device)[:, :, None] + torch.arange(extra, device=pos.device)
+    return out.scatter_(2, cols, (n + torch.arange(extra, device=pos.device)).expand(L, H, extra).contiguous())
+
+
+def _choose(jobs: list[Job], recorded: dict, reducer) -> None:
+    """Run the policy for every job that chooses, requests of the same policy and prompt length
+    together (one batched selection each)."""
+    groups: dict = {}
+    for job in jobs:
+        if job.selection is None:
+            groups.setdefault((job.plan.config, job.seq_len), []).append(job)
+    for (config, seq_len), members in groups.items():
+        scores = torch.stack([torch.stack(recorded[j.rpi][1]) for j in members])  # [R, L, H, p]
+        for job, chosen in zip(members, select_batch(scores, seq_len, config, reducer)):
+            job.selection = chosen
+
+
+def _jobs(batch, pool, recorded) -> list[Job]:
+    """The requests of ``batch`` whose prefill this forward completed and that the policy cuts
+    (or a retracted request's replay cuts again)."""
+    jobs = []
+    for req, seq_len in zip(batch.reqs, host_ints(batch.seq_lens_cpu, batch.seq_lens).tolist()):
+        rpi = req.kv.req_pool_idx
+        plan = pool.plan_of(rpi)
+        if plan is None or not prefill_is_complete(req, seq_len):
+            continue
+        pool.end_plan(rpi)
+        if plan.replay is not None:
+            jobs.append(Job(req, rpi, seq_len, plan, plan.replay))
+        elif plan.chooses(seq_len) and _complete(recorded.get(rpi), seq_len):
+            jobs.append(Job(req, rpi, seq_len, plan))
+    return jobs
+
+
+def _host_counts(selection: Selection, heads: int, rank: int) -> np.ndarray:
+    """[L, H] rows each of this rank's heads keeps, from the selection's host-side counts."""
+    return np.asarray(selection.kept_per_head, dtype=np.int64)[:, rank * heads : (rank + 1) * heads]
+
+
 def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
     """After an extend batch: cut every request whose prefill is now complete.
 
-    With SGLang's prefix cache on, the prompt was just inserted there whole (its ids are the
-    cache's); the request gets its own copies of the rows it keeps, and its compressed ids
-    never go into the cache (``skip_radix_cache_insert``).
+    The policy runs once per group of requests with the same policy and prompt length
+    (:func:`_choose`); the requests whose every row is their own (no prefix-cache hit, rows not
+    paged) are then cut together (:func:`_cut_together`): a fixed number of ops for the batch
+    and one host read (the tokens each keeps somewhere). With SGLang's prefix cache on and a
+    prompt that matched a cached prefix, the request gets its own copies of the rows it keeps,
+    and its compressed ids never go into the cache (``skip_radix_cache_insert``).
     """
     tree_cache = tree_cache if tree_cache is not None else batch.tree_cache
     allocator = batch.token_to_kv_pool_allocator
@@ -117,40 +187,32 @@ def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
         return
     pool = allocator.get_kvcache()
     recorded = pool.take_scores()
-    req_to_token = batch.req_to_token_pool.req_to_token
-    reducer = tp_reducer()
-    for req, seq_len in zip(batch.reqs, batch.seq_lens_cpu.tolist()):
-        rpi = req.kv.req_pool_idx
-        plan = pool.plan_of(rpi)
-        if plan is None:
-            continue
-        if not prefill_is_complete(req, seq_len):
-            continue
-        pool.end_plan(rpi)
-        if plan.replay is not None:
-            selection = plan.replay
-        elif plan.chooses(seq_len) and _complete(recorded.get(rpi), seq_len):
-            selection = select(recorded[rpi][1], seq_len, plan.config, reducer)
-        else:
-            continue
-        if selection is None:
-            continue
-        vids = req_to_token[rpi, :seq_len].to(int)
-        keep = torch.ones(allocator.table.num_layers, allocator.table.num_heads, seq_len, dtype=torch.bool)
-        keep[:, :, : selection.prompt_len] = selection.keep_mask()
-        shared = req.kv.cache_protected_len
-        released = _take_from_prefix_cache(req, allocator, tree_cache, req_to_token, vids, keep)
-        if released is None:
-            logger.warning("dkv: %s stays uncompressed: no free rows to copy its kept rows to", req.rid)
-            continue
+    jobs = _jobs(batch, pool, recorded)
+    if not jobs:
+        return
+    compress_jobs(jobs, recorded, allocator, tree_cache, batch.req_to_token_pool.req_to_token, tp_reducer())
+
+
+def compress_jobs(jobs: list[Job], recorded: dict, allocator: DkvAllocator, tree_cache, req_to_token, reducer) -> None:
+    """Choose, cut and index ``jobs`` (what :func:`compress_batch` does once it has them)."""
+    _choose(jobs, recorded, reducer)
+    jobs = [j for j in jobs if j.selection is not None]
+    table = allocator.table
+    pool = allocator.get_kvcache()
+    for job in jobs:
+        job.counts = _host_counts(job.selection, table.num_heads, reducer.rank)
+    together = [j for j in jobs if j.req.kv.cache_protected_len == 0 and type(table) is RowTable]
+    alone = [j for j in jobs if j not in together]
+    done = _cut_together(together, allocator, req_to_token) if together else []
+    for job in alone:
+        if _cut_alone(job, allocator, tree_cache, req_to_token):
+            done.append(job)
+    if not done:
+        return
+    _index(done, pool, table, req_to_token)
+    for job in done:
+        req, selection = job.req, job.selection
         req.skip_radix_cache_insert = True
-        freed = allocator.compress(
-            req.rid, vids[shared:], keep[:, :, shared:], selection, replayed=plan.replay is not None, released=released
-        )
-        # Tokens no layer keeps give their ids back (they read as the hole from now on).
-        req_to_token[rpi, shared:seq_len] = allocator.table.release_unheld(vids[shared:]).to(req_to_token.dtype)
-        room = min(max((req.sampling_params.max_new_tokens or 0) - len(req.output_ids) + 1, 1), 256)
-        pool.kept.build(rpi, req_to_token[rpi, :seq_len], room)
         setattr(req, REPLAY_ATTR, selection)
         record_compression(allocator, selection.prompt_len, selection.kept_per_layer)
         req.customized_info = {
@@ -158,4 +220,81 @@ def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
             "kv_kept_per_layer": selection.kept_per_layer,
             "kv_prompt_tokens": selection.prompt_len,
         }
-        logger.debug("dkv: %s kept %s of %d tokens, freed %d rows", req.rid, selection.kept_per_layer, seq_len, freed)
+
+
+def _keep_masks(jobs: list[Job], L: int, H: int, width: int, device) -> torch.Tensor:
+    """[R, L, H, width] bool: each request's kept positions, and every position past its prompt
+    (a replay's generated tokens) up to its sequence length; False past it."""
+    pos = _stack([_positions(j.selection, j.seq_len) for j in jobs])
+    keep = torch.zeros(len(jobs), L, H, width, dtype=torch.bool, device=device)
+    return keep.scatter_(3, pos.to(device), True)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """[R, ..., W] the tensors padded at the end of their last dim with their own last entry."""
+    width = max(t.shape[-1] for t in tensors)
+    if len(tensors) == 1:
+        return tensors[0][None]
+    return torch.stack([torch.cat([t, t[..., -1:].expand(*t.shape[:-1], width - t.shape[-1])], dim=-1)
+                        for t in tensors])
+
+
+def _cut_together(jobs: list[Job], allocator: DkvAllocator, req_to_token) -> list[Job]:
+    """Cut requests whose every row is their own, all at once: drop the rows no head keeps,
+    give back the ids of tokens no (layer, head) keeps, write the new ids into ``req_to_token``.
+    The host knows how many rows go (from the selections' host counts); one read of the batch
+    tells how many tokens each keeps somewhere."""
+    table = allocator.table
+    L, H, device = table.num_layers, table.num_heads, table.row_of.device
+    seq_lens = np.array([j.seq_len for j in jobs], dtype=np.int64)
+    width = int(seq_lens.max())
+    keep = _keep_masks(jobs, L, H, width, device)
+    slots = torch.tensor([j.rpi for j in jobs], dtype=torch.int64, device=req_to_token.device)
+    old = req_to_token.index_select(0, slots)[:, :width].to(device, torch.int64)  # [R, width]
+    valid = torch.arange(width, device=device)[None, :] < torch.from_numpy(seq_lens).to(device)[:, None]
+    vids = torch.where(valid, old, torch.full_like(old, table.hole))  # past a sequence: the hole (no row)
+    somewhere = keep.flatten(1, 2).any(dim=1) & valid  # [R, width]
+    kept_tokens = somewhere.sum(dim=1).cpu().numpy()  # the one host read
+    kept_rows = np.array([j.counts.sum() + L * H * (j.seq_len - j.selection.prompt_len) for j in jobs])
+    freed = L * H * seq_lens - kept_rows
+    new = table.cut(vids.reshape(-1), keep.permute(1, 2, 0, 3).reshape(L, H, -1) | ~valid.reshape(-1),
+                    int(freed.sum()), int((seq_lens - kept_tokens).sum()))
+    req_to_token[slots, :width] = torch.where(valid, new.view(len(jobs), width), old).to(req_to_token.dtype)
+    for job, rows in zip(jobs, freed.tolist()):
+        allocator.record(job.req.rid, job.selection, rows, replayed=job.plan.replay is not None)
+    return jobs
+
+
+def _cut_alone(job: Job, allocator: DkvAllocator, tree_cache, req_to_token) -> bool:
+    """Cut one request some of whose rows the prefix cache owns (or whose rows are paged): the
+    general path, which reads the device."""
+    table = allocator.table
+    req, rpi, seq_len, selection = job.req, job.rpi, job.seq_len, job.selection
+    keep = _keep_masks([job], table.num_layers, table.num_heads, seq_len, table.row_of.device)[0]
+    vids = req_to_token[rpi, :seq_len].to(torch.int64)
+    shared = req.kv.cache_protected_len
+    released = _take_from_prefix_cache(req, allocator, tree_cache, req_to_token, vids, keep)
+    if released is None:
+        logger.warning("dkv: %s stays uncompressed: no free rows to copy its kept rows to", req.rid)
+        return False
+    vids = req_to_token[rpi, :seq_len].to(torch.int64)
+    allocator.compress(req.rid, vids[shared:], keep[:, :, shared:], selection,
+                       replayed=job.plan.replay is not None, released=released)
+    req_to_token[rpi, :seq_len] = table.release_unheld(vids).to(req_to_token.dtype)
+    return True
+
+
+def _index(jobs: list[Job], pool, table, req_to_token) -> None:
+    """Index every cut request's kept rows (what decode reads) in one build."""
+    L, H, device = table.num_layers, table.num_heads, table.row_of.device
+    width = max(j.seq_len for j in jobs)
+    slots = torch.tensor([j.rpi for j in jobs], dtype=torch.int64, device=req_to_token.device)
+    vids = req_to_token.index_select(0, slots)[:, :width].to(device, torch.int64)  # [R, width]
+    pos = _stack([_positions(j.selection, j.seq_len) for j in jobs]).to(device)  # [R, L, H, W]
+    at = vids.gather(1, pos.reshape(len(jobs), -1)).view(pos.shape)
+    rows = table.row_of[torch.arange(L, device=device)[None, :, None, None],
+                        torch.arange(H, device=device)[None, None, :, None], at]
+    counts = np.stack([j.counts + (j.seq_len - j.selection.prompt_len) for j in jobs])
+    room = max(min(max((j.req.sampling_params.max_new_tokens or 0) - len(j.req.output_ids) + 1, 1), 256)
+               for j in jobs)
+    pool.kept.build([j.rpi for j in jobs], rows, counts, [j.seq_len for j in jobs], room)

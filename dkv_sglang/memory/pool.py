@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.memory_pool import KVCache, unwrap_write_loc
 from ..policy import PolicyConfig, Selection
 from .kept_index import KeptIndex
 from .paged_table import PagedRowTable
-from .row_table import HeadRows, RowTable
+from .row_table import RowTable
 
 # Token ids alive at once, per token of capacity: compressed requests keep their ids.
 IDS_PER_TOKEN = 8
@@ -125,17 +125,12 @@ class DkvKVPool(KVCache):
     # -- what attention reads --------------------------------------------------------------------
     def gather(self, layer_id: int, vids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of a layer for token ids that every head still holds (a prefill's sequence):
-        [H, n, D], [H, n, Dv]. A compressed sequence raises: read it through ``decode_rows``."""
+        [H, n, D], [H, n, Dv]. A compressed sequence raises: decode reads it through ``kept``."""
         rows = self.table.row_of[layer_id - self.start_layer][:, vids]
         if bool((rows < 0).any()):
             raise RuntimeError("extend over a compressed prefix is not supported by the torch backend")
         rows = rows.to(torch.int64)
         return self.k_rows[rows], self.v_rows[rows]
-
-    def decode_rows(self, layer_id: int, slots: list[int], vids: list[torch.Tensor]) -> list[HeadRows]:
-        """Each decoding request's head-rows in a layer (one table for both backends)."""
-        layer = layer_id - self.start_layer
-        return [self.kept.request_rows(slot, layer, v) for slot, v in zip(slots, vids)]
 
     # -- prefill plans, from the scheduler to the attention backend and the compressor --------
     def set_plan(self, req_pool_idx: int, plan: PrefillPlan) -> None:
@@ -191,6 +186,7 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
 
     def clear(self):
         self.table.reset()
+        self.get_kvcache().kept.reset()
         self.free_group = None
 
     def available_size(self):
@@ -245,7 +241,11 @@ class DkvAllocator(BaseTokenToKVPoolAllocator):
 
         Returns the layer-rows the request no longer holds.
         """
-        freed = (self.table.drop(vids, keep) + released) // self.table.num_heads
+        return self.record(rid, selection, self.table.drop(vids, keep) + released, replayed)
+
+    def record(self, rid: str, selection: Selection, head_rows: int, replayed: bool) -> int:
+        """Count a compressed request that gave back ``head_rows``; returns layer-rows freed."""
+        freed = head_rows // self.table.num_heads
         self.requests_compressed += 1
         self.freed_since_admission = self.freed_since_admission or freed > 0
         self.recent.append(

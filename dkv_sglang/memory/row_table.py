@@ -83,6 +83,15 @@ class _Stack:
         self.top = self.capacity
 
 
+def _compact(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
+    """``values[mask]`` when the host knows it has ``count`` entries: a cumsum and one put, no
+    wait for the device (the entries not taken all land in one scratch slot, then cut off)."""
+    place = torch.cumsum(mask.to(torch.int64), 0) - 1
+    out = values.new_empty(count + 1)
+    out.index_put_((torch.where(mask, place, torch.full_like(place, count)),), values)
+    return out[:count]
+
+
 class RowTable:
     """Token ids -> head-rows, per (layer, head), over one pool of head-rows.
 
@@ -173,6 +182,20 @@ class RowTable:
             self.ids.give(vids[unheld])
             vids = torch.where(unheld, torch.full_like(vids, self.hole), vids)
         return vids
+
+    def cut(self, vids: torch.Tensor, keep: torch.Tensor, freed: int, released: int) -> torch.Tensor:
+        """:meth:`drop` then :meth:`release_unheld` of a freshly prefilled sequence (every row of
+        ``vids`` held), without waiting for the device: the caller knows on the host how many
+        head-rows go (``freed``: ``keep``'s False entries) and how many tokens no (layer, head)
+        keeps (``released``). Returns ``vids`` with those tokens replaced by the hole."""
+        vids = vids.reshape(-1).to(torch.int64)
+        held = self.row_of[:, :, vids]
+        gone = ~keep.to(held.device)
+        self.rows.give(_compact(held.reshape(-1).to(torch.int64), gone.reshape(-1), freed))
+        self.row_of[:, :, vids] = torch.where(gone, torch.full_like(held, -1), held)
+        unheld = gone.flatten(0, 1).all(dim=0)
+        self.ids.give(_compact(vids, unheld, released))
+        return torch.where(unheld, torch.full_like(vids, self.hole), vids)
 
     def fork_need(self, vids: torch.Tensor, keep: torch.Tensor) -> tuple[int, int]:
         """(head-rows, token ids) that :meth:`fork` of ``vids`` under ``keep`` takes."""
