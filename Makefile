@@ -4,7 +4,7 @@ MODEL := models/smollm2
 PORT ?= 30000
 BUDGET ?= 128
 
-.PHONY: setup serve test test-fast bench-throughput bench-decode bench-quality bench-ruler bench-prefix lint clean
+.PHONY: setup serve test test-fast bench-throughput bench-decode bench-host bench-quality bench-ruler bench-prefix lint clean
 
 setup:
 	bash runtime/setup.sh
@@ -33,6 +33,11 @@ bench-throughput: setup
 bench-decode: setup
 	$(BENCH_DEPS)
 	$(PY) -m bench.throughput --decode-table $(DECODE)
+
+# Host work of a decode step's metadata and of compressing a prefill batch: ATen ops, sync ops,
+# host ms at an 8B model's shape (32 layers, 8 KV heads, budget 128; about 5 minutes).
+bench-host: setup
+	$(PY) -m bench.host_cost
 
 # Documents asked several questions: DynamicKV with SGLang's prefix cache vs without (about 5 minutes).
 bench-prefix: setup

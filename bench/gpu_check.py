@@ -16,6 +16,11 @@ so a run cut short still reports what it finished.
    rows attended; kernels timed in CUDA graphs; planning (host) timed apart.
    ``correctness_page16``: decode and prefill over the paged pool (``--page-size 16``: rows placed
    per request, compressed and packed, one decode token appended), FlashInfer vs reference vs SDPA.
+4. ``host_cost``: ``bench/host_cost.py``'s counts on device tensors (ATen ops, sync ops, host ms
+   and device ms of a decode step's metadata at an 8B model's shape, batch 1 to 256), the
+   FlashInfer ``plan`` calls of that step (host ms, all layers), and the batched selection
+   (``policy.select_batch``) of 1 and 16 requests of 4k-32k tokens; with CUDA's sync debug mode
+   counting any implicit synchronisation.
 3. ``greedy``: a tiny random Llama-style model generating greedily with attention through our path
    at a budget above the prompt length vs plain SDPA with a full cache; token-for-token.
 """
@@ -379,6 +384,72 @@ class TinyLlama:
         return self.norm(x) @ self.head.T
 
 
+def _synced_ms(fn, reps=5) -> tuple[float, float]:
+    """(host ms until ``fn`` returns, ms until the device is done), medians."""
+    host, total = [], []
+    for _ in range(reps):
+        if not DRY:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        if not DRY:
+            torch.cuda.synchronize()
+        host.append((t1 - t0) * 1e3)
+        total.append((time.perf_counter() - t0) * 1e3)
+    return round(sorted(host)[len(host) // 2], 3), round(sorted(total)[len(total) // 2], 3)
+
+
+def _sync_warnings(fn) -> int:
+    """Implicit device synchronisations ``fn`` makes (CUDA's sync debug mode)."""
+    if DRY:
+        return 0
+    import warnings
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
+@part("host_cost")
+def host_cost():
+    from bench import host_cost as hc
+    from dkv_sglang.policy import PolicyConfig, select_batch
+
+    L, H, budget, group = 32, 8, 128, 4
+    out = {"decode": [], "select": []}
+    for b in (1, 8, 32, 128, 256):
+        w = hc.decode_world(b, L, H, budget, 4096, device=DEV)
+        tables = hc.decode_step(w)
+        with hc.OpCounter() as c:
+            hc.decode_step(w)
+        host_ms, device_ms = _synced_ms(lambda: hc.decode_step(w))
+        syncs = _sync_warnings(lambda: hc.decode_step(w))
+        kernels = TorchPagedKernels() if DRY else FlashInferKernels(L, H, group, 128, DT, DEV, max_rows=w.table.num_rows + 1)
+        tables = hc.decode_step(w)
+        plan_ms, _ = _synced_ms(lambda: kernels.plan_decode(tables, group, 128, DT))
+        out["decode"].append({"batch": b, "ops": c.ops, "sync_ops": c.sync_ops, "cuda_sync_warnings": syncs,
+                              "host_ms": host_ms, "device_ms": device_ms, "plan_ms_all_layers": plan_ms})
+        print("host_cost decode", out["decode"][-1], flush=True)
+    config = PolicyConfig(policy="dynamickv", budget=budget)
+    for n in (4096, 16384, 32768):
+        for r in (1, 16):
+            scores = torch.rand(r, L, H, n - config.window, device=DEV) ** 4
+            select_batch(scores, n, config)
+            with hc.OpCounter() as c:
+                select_batch(scores, n, config)
+            host_ms, device_ms = _synced_ms(lambda: select_batch(scores, n, config), reps=3)
+            out["select"].append({"tokens": n, "requests": r, "ops": c.ops, "sync_ops": c.sync_ops,
+                                  "host_ms": host_ms, "device_ms": device_ms})
+            del scores
+    return out
+
+
 def generate_full(model, prompts, steps):
     """Reference: per request, SDPA over a growing full K/V cache."""
     outs = []
@@ -497,7 +568,7 @@ if __name__ == "__main__":
         save()
         sys.exit(1)
     save()
-    parts = sys.argv[1:] or ["correctness", "correctness_page16", "greedy", "decode_speed"]
+    parts = sys.argv[1:] or ["correctness", "correctness_page16", "greedy", "decode_speed", "host_cost"]
     for name in parts:
         globals()[name]()
     RESULT["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
