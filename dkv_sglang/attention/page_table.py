@@ -59,9 +59,9 @@ class DecodeGroup:
     """Requests of a decode batch read the same way, padded to one width.
 
     members:      [Bg] int64 host: their places in the batch (``members_dev`` on the device).
-    rows:         [Bg, L, H, W] device: each (request, layer, head)'s rows first, in position
+    rows:         [L, Bg, H, W] device: each (layer, request, head)'s rows first, in position
                   order, then padding (any row id; never attended to).
-    lens:         [Bg, L, H] int64 host: rows each head attends to.
+    lens:         [L, Bg, H] int64 host: rows each head attends to.
     lens_dev:     the same on the device.
     compressed:   rows come from the kept-row index (else from req_to_token and the row table).
     """
@@ -75,9 +75,9 @@ class DecodeGroup:
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """([Bg, H, W] int64 rows, [Bg, H, W] bool: attended) of one layer."""
-        rows = self.rows[:, layer].long()
+        rows = self.rows[layer].long()
         width = torch.arange(rows.shape[2], device=rows.device)
-        valid = width[None, None, :] < self.lens_dev[:, layer, :, None]
+        valid = width[None, None, :] < self.lens_dev[layer, :, :, None]
         if not self.compressed:  # a row the table no longer holds is never read
             valid = valid & (rows >= 0)
         return rows.clamp_min(0), valid
@@ -109,16 +109,16 @@ def decode_rows(index: KeptIndex, row_of: torch.Tensor, req_to_token: torch.Tens
     if len(members):
         s, n = slots[members], seq_lens[members]
         width = index.width(s, n)
-        rows = index.rows.index_select(0, _to(s, device))[..., :width]
-        lens = index.lens(s, n)
+        rows = index.rows[..., :width].index_select(1, _to(s, device))  # [L, Bc, H, W]
+        lens = index.lens(s, n).transpose(1, 0, 2).copy()
         groups.append(DecodeGroup(members, _to(members, device), rows, lens, _to(lens, device), True))
     members = np.flatnonzero(~live)
     if len(members):
         s, n = slots[members], seq_lens[members]
         width = int(n.max())
         vids = req_to_token.index_select(0, _to(s, req_to_token.device))[:, :width].to(device, torch.int64)  # [Bu, W]
-        rows = row_of[:, :, vids].permute(2, 0, 1, 3)  # [Bu, L, H, W]
-        lens = np.broadcast_to(n[:, None, None], (len(n), num_layers, num_heads)).copy()
+        rows = row_of[:, :, vids].transpose(1, 2)  # [L, Bu, H, W]
+        lens = np.broadcast_to(n[None, :, None], (num_layers, len(n), num_heads)).copy()
         groups.append(DecodeGroup(members, _to(members, device), rows, lens, _to(lens, device), False))
     return DecodeRows(len(slots), groups)
 
@@ -143,12 +143,12 @@ def decode_tables(step: DecodeRows, page_size: int = 1, out: torch.Tensor | None
     static buffer) when given. Each group's rows must fill pages in order when
     ``page_size > 1`` (the paged row table lays them out so); page ids are the page-start rows
     divided by the page size."""
-    num_layers = step.groups[0].rows.shape[1] if step.groups else 0
+    num_layers = step.groups[0].rows.shape[0] if step.groups else 0
     num_heads = step.groups[0].rows.shape[2] if step.groups else 0
     b, device = step.batch_size, step.groups[0].rows.device if step.groups else torch.device("cpu")
     kv_lens = np.zeros((num_layers, b, num_heads), dtype=np.int64)
     for g in step.groups:
-        kv_lens[:, g.members] = g.lens.transpose(1, 0, 2)
+        kv_lens[:, g.members] = g.lens
     pages = (kv_lens + page_size - 1) // page_size  # [L, B, H]
     flat = pages.reshape(-1)
     ptr = np.zeros(flat.size + 1, dtype=np.int64)
@@ -180,26 +180,22 @@ def decode_tables(step: DecodeRows, page_size: int = 1, out: torch.Tensor | None
 
 def _gather_pages(g: DecodeGroup, pages: np.ndarray, ptr: np.ndarray, entries: int, page_size: int,
                   out: torch.Tensor, whole: bool) -> None:
-    """Write one group's page ids into ``out`` at its entries' offsets: a run expanded on the
-    device (``repeat_interleave`` with a host-known size: no sync), one gather, and one put
-    unless the group is the whole batch (its pages are then ``out``'s first ``total``, in order)."""
-    num_layers, num_heads = g.rows.shape[1], g.rows.shape[2]
-    src = g.rows[..., ::page_size] if page_size > 1 else g.rows  # page-start rows [Bg, L, H, Wp]
-    src = src.transpose(0, 1).reshape(-1)  # entries in the tables' order: layer, request, head
-    wp = g.rows[..., ::page_size].shape[3] if page_size > 1 else g.rows.shape[3]
+    """Write one group's page ids into ``out`` at its entries' offsets: one gather at indices
+    expanded from per-entry runs (:func:`_runs`), straight into ``out`` when the group is the
+    whole batch (its pages are then ``out``'s first ``total``, in order), else one put."""
+    num_layers, num_heads = g.rows.shape[0], g.rows.shape[2]
+    src = g.rows[..., ::page_size] if page_size > 1 else g.rows  # page-start rows [L, Bg, H, Wp]
+    wp = src.shape[3]
+    src = src.reshape(-1)  # entries in the tables' order: layer, request, head
     n_pages = pages[:, g.members].reshape(-1)  # [L, Bg, H] flattened
     total = int(n_pages.sum())
     if total == 0:
         return
-    first = np.cumsum(n_pages) - n_pages  # each entry's first page among the group's
-    device = src.device
-    # int32 index math when it fits (half the memory traffic of int64: ~4M ids at batch 128)
-    itype = np.int32 if max(src.numel(), len(out)) < 2**31 else np.int64
-    n_dev = _to(n_pages, device)
-    step = torch.arange(total, dtype=torch.int32 if itype is np.int32 else torch.int64, device=device)
-    src_start = np.arange(n_pages.size, dtype=np.int64) * wp
-    at = torch.repeat_interleave(_to((src_start - first).astype(itype), device), n_dev, output_size=total)
-    values = src.index_select(0, at.add_(step))
+    at = _runs(np.arange(n_pages.size, dtype=np.int64) * wp, n_pages, total, src.device)
+    if whole and page_size == 1 and src.dtype == out.dtype:
+        torch.index_select(src, 0, at, out=out[:total])
+        return
+    values = src.index_select(0, at)
     if page_size > 1:
         values = torch.div(values, page_size, rounding_mode="floor")
     if whole:
@@ -208,8 +204,24 @@ def _gather_pages(g: DecodeGroup, pages: np.ndarray, ptr: np.ndarray, entries: i
     layer = np.arange(num_layers)[:, None, None]
     head = np.arange(num_heads)[None, None, :]
     start = ptr[(layer * entries + g.members[None, :, None] * num_heads + head).reshape(-1)]
-    dst = torch.repeat_interleave(_to((start - first).astype(itype), device), n_dev, output_size=total)
-    out.index_put_((dst.add_(step).long(),), values.to(out.dtype))
+    out.index_put_((_runs(start, n_pages, total, src.device).long(),), values.to(out.dtype))
+
+
+def _runs(starts: np.ndarray, lens: np.ndarray, total: int, device) -> torch.Tensor:
+    """[total] ``starts[e], starts[e] + 1, ...`` (``lens[e]`` values) for every entry e, on the
+    device: ones with each run's jump put at its first place, then one cumsum (the jumps are
+    computed on the host; int32 when the values fit)."""
+    keep = lens > 0
+    starts, lens = starts[keep], lens[keep]
+    first = np.cumsum(lens) - lens
+    ends = starts + lens - 1  # each run's last value
+    jumps = starts - np.concatenate([[1], ends[:-1] + 1]) + 1
+    jumps[0] = starts[0]
+    wide = int(max(ends.max(), total)) >= 2**31
+    dtype = torch.int64 if wide else torch.int32
+    d = torch.ones(total, dtype=dtype, device=device)
+    d.index_put_((_to(first, device),), _to(jumps.astype(np.int64 if wide else np.int32), device))
+    return torch.cumsum(d, 0, dtype=dtype)
 
 
 def batch_vids(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, lens: list[int]) -> torch.Tensor:

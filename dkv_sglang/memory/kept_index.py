@@ -7,8 +7,9 @@ grows with the prompt although the request attends only to its kept rows.
 
 One structure for all requests, keyed by SGLang's request slot (``req_pool_idx``):
 
-- ``rows`` [S + 1, L, H, C] int32, device: slot s, layer l, head h holds its kept prompt rows
-  (position order) then one row per generated token; slot S is scratch (writes of requests
+- ``rows`` [L, S + 1, H, C] int32, device: layer l, slot s, head h holds its kept prompt rows
+  (position order) then one row per generated token (layer-major, the order of FlashInfer's
+  tables, so a batch's rows are one ``index_select``); slot S is scratch (writes of requests
   without an entry land there, so a decode step writes every request in one op);
 - ``base`` [S + 1, L, H] int32, device (and ``base_host``, its numpy mirror): rows each head
   held when the entry was built. Every decode step adds one row to every head, so a head's
@@ -37,7 +38,7 @@ class KeptIndex:
         self.table = table
         self.device = table.row_of.device
         L, H = table.num_layers, table.num_heads
-        self.rows = torch.zeros(slots + 1, L, H, capacity, dtype=torch.int32, device=self.device)
+        self.rows = torch.zeros(L, slots + 1, H, capacity, dtype=torch.int32, device=self.device)
         self.base = torch.zeros(slots + 1, L, H, dtype=torch.int32, device=self.device)
         self.base_host = np.zeros((slots + 1, L, H), dtype=np.int64)
         self.built_at = np.full(slots + 1, -1, dtype=np.int64)
@@ -47,7 +48,7 @@ class KeptIndex:
     # -- shape ------------------------------------------------------------------------------------
     @property
     def scratch(self) -> int:
-        return self.rows.shape[0] - 1
+        return self.rows.shape[1] - 1
 
     @property
     def capacity(self) -> int:
@@ -64,8 +65,8 @@ class KeptIndex:
         if (new_s, new_c) == (old_s, old_c):
             return
         L, H = self.table.num_layers, self.table.num_heads
-        rows = torch.zeros(new_s + 1, L, H, new_c, dtype=torch.int32, device=self.device)
-        rows[:old_s, :, :, :old_c] = self.rows[:old_s]
+        rows = torch.zeros(L, new_s + 1, H, new_c, dtype=torch.int32, device=self.device)
+        rows[:, :old_s, :, :old_c] = self.rows[:, :old_s]
         base = torch.zeros(new_s + 1, L, H, dtype=torch.int32, device=self.device)
         base[:old_s] = self.base[:old_s]
         self.rows, self.base = rows, base
@@ -88,7 +89,7 @@ class KeptIndex:
         width = rows.shape[3]
         self._grow(max(slots) + 1, width + max(room, 1))
         idx = torch.tensor(slots, dtype=torch.int64, device=self.device)
-        self.rows[idx, :, :, :width] = rows.to(device=self.device, dtype=torch.int32)
+        self.rows[:, idx, :, :width] = rows.to(device=self.device, dtype=torch.int32).transpose(0, 1)
         self.base[idx] = torch.from_numpy(counts).to(device=self.device, dtype=torch.int32)
         self.base_host[slots] = counts
         self.built_at[slots] = seq_lens
@@ -141,10 +142,10 @@ class KeptIndex:
         offset = np.where(live, seq_lens - 1 - self.built_at[np.where(live, slots, self.scratch)], 0)
         target = torch.from_numpy(np.where(live, slots, self.scratch)).to(self.device, non_blocking=True)
         offset = torch.from_numpy(offset).to(self.device, non_blocking=True)
-        new = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)].permute(2, 0, 1)  # [B, L, H]
-        col = self.base[target] + offset[:, None, None].to(torch.int32)  # [B, L, H]
-        L, H = new.shape[1], new.shape[2]
-        layers = torch.arange(L, device=self.device)[None, :, None]
+        new = self.table.row_of[:, :, vids.reshape(-1).to(torch.int64)].transpose(1, 2)  # [L, B, H]
+        col = (self.base[target] + offset[:, None, None].to(torch.int32)).transpose(0, 1)  # [L, B, H]
+        L, H = new.shape[0], new.shape[2]
+        layers = torch.arange(L, device=self.device)[:, None, None]
         heads = torch.arange(H, device=self.device)[None, None, :]
-        self.rows.index_put_((target[:, None, None], layers, heads, col.long()), new)
+        self.rows.index_put_((layers, target[None, :, None], heads, col.long()), new)
         self.covered[live_slots] = seq_lens[live]

@@ -86,9 +86,11 @@ class _Stack:
 def _compact(values: torch.Tensor, mask: torch.Tensor, count: int) -> torch.Tensor:
     """``values[mask]`` when the host knows it has ``count`` entries: a cumsum and one put, no
     wait for the device (the entries not taken all land in one scratch slot, then cut off)."""
-    place = torch.cumsum(mask.to(torch.int64), 0) - 1
+    small = mask.numel() < 2**31
+    place = torch.cumsum(mask, 0, dtype=torch.int32 if small else torch.int64)
+    place.sub_(1).masked_fill_(~mask, count)
     out = values.new_empty(count + 1)
-    out.index_put_((torch.where(mask, place, torch.full_like(place, count)),), values)
+    out.index_put_((place,), values)
     return out[:count]
 
 
@@ -191,7 +193,7 @@ class RowTable:
         vids = vids.reshape(-1).to(torch.int64)
         held = self.row_of[:, :, vids]
         gone = ~keep.to(held.device)
-        self.rows.give(_compact(held.reshape(-1).to(torch.int64), gone.reshape(-1), freed))
+        self.rows.give(_compact(held.reshape(-1), gone.reshape(-1), freed))  # int32: the stack widens it
         self.row_of[:, :, vids] = torch.where(gone, torch.full_like(held, -1), held)
         unheld = gone.flatten(0, 1).all(dim=0)
         self.ids.give(_compact(vids, unheld, released))
