@@ -120,6 +120,10 @@ class Job:
     selection: Selection | None = None
     counts: np.ndarray | None = None  # [L, H] host: rows each of this rank's heads keeps
 
+    @property
+    def positions(self) -> torch.Tensor:
+        return _positions(self.selection, self.seq_len)
+
 
 def _positions(selection: Selection, seq_len: int) -> torch.Tensor:
     """[L, H, W] what each (layer, head) of a compressed request reads, compact: its kept prompt
@@ -225,7 +229,7 @@ def compress_jobs(jobs: list[Job], recorded: dict, allocator: DkvAllocator, tree
 def _keep_masks(jobs: list[Job], L: int, H: int, width: int, device) -> torch.Tensor:
     """[R, L, H, width] bool: each request's kept positions, and every position past its prompt
     (a replay's generated tokens) up to its sequence length; False past it."""
-    pos = _stack([_positions(j.selection, j.seq_len) for j in jobs])
+    pos = _stack([j.positions for j in jobs])
     keep = torch.zeros(len(jobs), L, H, width, dtype=torch.bool, device=device)
     return keep.scatter_(3, pos.to(device), True)
 
@@ -233,8 +237,8 @@ def _keep_masks(jobs: list[Job], L: int, H: int, width: int, device) -> torch.Te
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
     """[R, ..., W] the tensors padded at the end of their last dim with their own last entry."""
     width = max(t.shape[-1] for t in tensors)
-    if len(tensors) == 1:
-        return tensors[0][None]
+    if all(t.shape == tensors[0].shape for t in tensors):  # one policy and length: one op
+        return torch.stack(tensors)
     return torch.stack([torch.cat([t, t[..., -1:].expand(*t.shape[:-1], width - t.shape[-1])], dim=-1)
                         for t in tensors])
 
@@ -290,7 +294,7 @@ def _index(jobs: list[Job], pool, table, req_to_token) -> None:
     width = max(j.seq_len for j in jobs)
     slots = torch.tensor([j.rpi for j in jobs], dtype=torch.int64, device=req_to_token.device)
     vids = req_to_token.index_select(0, slots)[:, :width].to(device, torch.int64)  # [R, width]
-    pos = _stack([_positions(j.selection, j.seq_len) for j in jobs]).to(device)  # [R, L, H, W]
+    pos = _stack([j.positions for j in jobs]).to(device)  # [R, L, H, W]
     at = vids.gather(1, pos.reshape(len(jobs), -1)).view(pos.shape)
     rows = table.row_of[torch.arange(L, device=device)[None, :, None, None],
                         torch.arange(H, device=device)[None, None, :, None], at]
