@@ -23,13 +23,14 @@ from ..policy import PolicyConfig, Selection, window_scores
 
 def replay_mask(selection: Selection, layer: int, seq_len: int) -> torch.Tensor:
     """[H, seq_len, seq_len] causal mask of a replayed prefill: queries past the prompt see,
-    of the prompt, only the rows ``selection`` kept in this layer (as they did in decode)."""
+    of the prompt, only the rows ``selection`` kept in this layer (as they did in decode). A chunk
+    that ends inside the prompt (``seq_len`` <= its length) is plainly causal."""
     n = selection.prompt_len
     pos = torch.arange(seq_len)
     causal = pos[None, :] <= pos[:, None]
-    kept = torch.ones(selection.kept[layer].shape[0], seq_len, dtype=torch.bool)
+    kept = torch.ones(selection.kept[layer].shape[0], max(seq_len, n), dtype=torch.bool)
     kept[:, :n] = False
-    kept.scatter_(1, selection.kept[layer].cpu(), True)
+    kept = kept.scatter_(1, selection.kept[layer].cpu(), True)[:, :seq_len]
     late = (pos >= n)[None, :, None]
     return causal[None] & (~late | kept[:, None, :])
 
