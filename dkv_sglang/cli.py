@@ -162,18 +162,12 @@ def engine_defaults(config: PolicyConfig, given: set[str], on_cpu: bool, page_si
         out.update(disable_radix_cache=True)
     if on_cpu:
         out.update(device="cpu", attention_backend="torch_native", mem_fraction_static=0.3)
-    if config.compresses:
-        # Compression runs between forward passes. (The radix prefix cache stays on: it keeps
-        # prompts whole, and each request copies out the rows it keeps.)
-        out.update(disable_overlap_schedule=True)
+    # Otherwise overlap scheduling and the radix prefix cache stay as SGLang sets them: a prefill that
+    # cuts is ordered before the next batch (integration/overlap.py), and the cache keeps
+    # prompts whole (each request copies out the rows it keeps).
     out = {k: v for k, v in out.items() if k not in given}
     if "disable_radix_cache" in out:
         logger.warning("dkv-sglang: --page-size %d turns off the radix prefix cache (page size 1 keeps it)", page_size)
-    if config.compresses and "disable_overlap_schedule" in out:
-        logger.warning(
-            "dkv-sglang: --kv-policy %s turns off overlap scheduling (compression runs between forward passes)",
-            config.policy,
-        )
     return out
 
 

@@ -175,7 +175,22 @@ def _host_counts(selection: Selection, heads: int, rank: int) -> np.ndarray:
     return np.asarray(selection.kept_per_head, dtype=np.int64)[:, rank * heads : (rank + 1) * heads]
 
 
-def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
+def cuts_after(batch, allocator) -> bool:
+    """Whether processing this extend batch's result may cut a request, known before the result
+    is: some request's prefill plan chooses (or replays a selection) and this forward ends its
+    prefill. Over-approximates :func:`_jobs` (a request that finishes here is not cut)."""
+    if not isinstance(allocator, DkvAllocator) or not batch.forward_mode.is_extend():
+        return False
+    pool = allocator.get_kvcache()
+    for req, seq_len in zip(batch.reqs, host_ints(batch.seq_lens_cpu, batch.seq_lens).tolist()):
+        plan = pool.plan_of(req.kv.req_pool_idx)
+        ends = seq_len == len(req.origin_input_ids) + len(req.output_ids)  # its first token comes now
+        if plan is not None and ends and (plan.replay is not None or plan.chooses(seq_len)):
+            return True
+    return False
+
+
+def compress_batch(batch, config: PolicyConfig, tree_cache=None, allocator=None) -> None:
     """After an extend batch: cut every request whose prefill is now complete.
 
     The policy runs once per group of requests with the same policy and prompt length
@@ -184,13 +199,15 @@ def compress_batch(batch, config: PolicyConfig, tree_cache=None) -> None:
     and one host read (the tokens each keeps somewhere). With SGLang's prefix cache on and a
     prompt that matched a cached prefix, the request gets its own copies of the rows it keeps,
     and its compressed ids never go into the cache (``skip_radix_cache_insert``).
+    ``allocator``: the scheduler's (the batch copy SGLang's overlap loop processes has none).
     """
     tree_cache = tree_cache if tree_cache is not None else batch.tree_cache
-    allocator = batch.token_to_kv_pool_allocator
+    allocator = allocator if allocator is not None else batch.token_to_kv_pool_allocator
     if not isinstance(allocator, DkvAllocator):
         return
     pool = allocator.get_kvcache()
-    recorded = pool.take_scores()
+    seq_lens = host_ints(batch.seq_lens_cpu, batch.seq_lens).tolist()
+    recorded = pool.take_scores({req.kv.req_pool_idx: n for req, n in zip(batch.reqs, seq_lens)})
     jobs = _jobs(batch, pool, recorded)
     if not jobs:
         return

@@ -4,7 +4,7 @@ With ``--kv-policy full`` (the default) it only adds the ``dkv`` stats and count
 requests (``kv_*`` custom params, empty prompts) and carries our meta_info keys: serving is
 vanilla SGLang. With a compressing policy it swaps in the dkv pool and allocator, the dkv
 attention backends, prefill plans, re-opened admission and the compression step after each
-prefill batch.
+prefill batch (ordered before the next batch under overlap scheduling: ``overlap.py``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import logging
 
 import torch
 
-from . import routed_params, settings
+from . import overlap, routed_params, settings
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def register() -> None:
     HookRegistry.register(f"{_BATCH}.prepare_for_extend", _plan_prefill, HookType.AFTER)
     HookRegistry.register(_ADMIT, _reopen_admission, HookType.BEFORE)
     HookRegistry.register(_PREFILL_RESULT, _compress_after_prefill, HookType.AROUND)
+    overlap.register(HookRegistry, HookType)  # a cutting prefill's result before the next batch
     HookRegistry.register(_MAX_PREFIX, _leave_the_window_to_prefill, HookType.AFTER)
     HookRegistry.register(f"{_ADDER}._select_prefill_admission", _first_chunk_leaves_the_window, HookType.AFTER)
     HookRegistry.register(f"{_ADDER}.floor_chunked_tokens", _next_chunk_leaves_the_window, HookType.AFTER)
@@ -234,7 +235,7 @@ def _compress_after_prefill(original, processor, batch, result):
     from .compressor import compress_batch
 
     out = original(processor, batch, result)
-    compress_batch(batch, settings.current(), processor.tree_cache)
+    compress_batch(batch, settings.current(), processor.tree_cache, processor.token_to_kv_pool_allocator)
     return out
 
 

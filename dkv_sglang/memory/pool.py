@@ -156,9 +156,17 @@ class DkvKVPool(KVCache):
             self._scores[req_pool_idx] = entry
         entry[1][layer_id - self.start_layer] = scores
 
-    def take_scores(self) -> dict[int, tuple[int, list]]:
-        scores, self._scores = self._scores, {}
-        return scores
+    def take_scores(self, upto: dict[int, int] | None = None) -> dict[int, tuple[int, list]]:
+        """The recorded scores, taken out: all of them, or (``upto``: slot -> sequence length)
+        those of these slots recorded at or below that length. With overlap scheduling the
+        next batch's prefill may already have recorded its own: those stay for its turn."""
+        if upto is None:
+            scores, self._scores = self._scores, {}
+            return scores
+        taken = {s: e for s, e in self._scores.items() if s in upto and e[0] <= upto[s]}
+        for slot in taken:
+            del self._scores[slot]
+        return taken
 
 
 class DkvAllocator(BaseTokenToKVPoolAllocator):

@@ -23,7 +23,9 @@ def test_sglang_argv_adds_what_the_user_did_not_give():
     cfg = config_from_options(kv_policy="dynamickv")
     out = sglang_argv(cfg, ["--model-path", "m", "--device=cpu"], on_cpu=True)
     assert out[:3] == ["--model-path", "m", "--device=cpu"] and out.count("--device") == 0
-    assert "--attention-backend" in out and "--disable-overlap-schedule" in out
+    assert "--attention-backend" in out and "--disable-overlap-schedule" not in out, "overlap stays on"
+    asked = sglang_argv(cfg, ["--model-path", "m", "--disable-overlap-schedule"], on_cpu=True)
+    assert asked.count("--disable-overlap-schedule") == 1, "the user's own flag goes through"
     assert sglang_argv(config_from_options(), ["--model-path", "m"], on_cpu=False) == ["--model-path", "m"]
 
 
@@ -32,7 +34,7 @@ def test_engine_options_and_defaults():
     assert (cfg.policy, cfg.budget, cfg.pooling) == ("dynamickv", 32, "max")
     d = engine_defaults(cfg, given={"attention_backend"}, on_cpu=True)
     assert d["device"] == "cpu" and "attention_backend" not in d
-    assert d["disable_overlap_schedule"] and "disable_radix_cache" not in d, "the prefix cache stays on"
+    assert "disable_overlap_schedule" not in d and "disable_radix_cache" not in d, "overlap and the cache stay on"
     assert "disable_overlap_schedule" not in engine_defaults(config_from_options(), set(), on_cpu=True)
 
 
