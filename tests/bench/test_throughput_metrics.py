@@ -88,3 +88,32 @@ def test_adaptive_heads_flag_needs_the_decode_table(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--adaptive-heads"])
     assert e.value.code == 2 and "--adaptive-heads" in capsys.readouterr().err
+
+
+def _row(tok_s: float, peak: int = 4) -> dict:
+    return {"request_throughput": 0.1, "output_throughput": tok_s, "total_throughput": 10 * tok_s,
+            "mean_ttft_ms": 1000.0, "p99_ttft_ms": 2000.0, "median_itl_ms": 50.0, "p99_itl_ms": 90.0,
+            "peak_running": peak, "kv_tokens_per_request": 200.0, "retracted": 0, "failed": 0}
+
+
+def test_dynamickv_overlap_off_row_sits_beside_the_defaults_with_its_target():
+    from bench.throughput import check_targets, markdown, named_rows
+
+    defaults = {"full_small_pool": _row(30.0, 2), "dynamickv_small_pool": {"64": _row(90.0, 30)},
+                "full_large_pool": _row(60.0, 48), "dynamickv_large_pool": _row(84.0, 48)}
+    res = {"preset": "quick", "model": "m", "main_budget": 64, "small_pool_tokens": 1, "large_pool_tokens": 2,
+           "load": {"num_prompts": 48, "input_len": 3200, "range_ratio": 0.625, "output_len": 128},
+           "concurrency_bound": 10.0, "defaults": defaults,
+           "no_overlap": {"full_small_pool": _row(25.0, 2), "dynamickv_large_pool": _row(70.0, 48)},
+           "no_radix_cache": {"full_small_pool": _row(30.0, 2), "dynamickv_small_pool": {"64": _row(90.0, 30)}}}
+    names = [name for name, _ in named_rows(res)]
+    assert "dynamickv-64, large pool, --disable-overlap-schedule" in names
+    assert "full, small pool, --disable-overlap-schedule" in names
+    got = {t["target"]: (t["value"], t["pass"]) for t in check_targets(res)}
+    assert got["dynamickv-64 overlap on / off output tok/s, pool that fits every request"] == (1.2, True)
+    assert got["dynamickv-64 / full output tok/s, pool that fits every request, defaults (issue 38)"] == (1.4, True)
+    res["targets"] = check_targets(res)
+    text = markdown(res)
+    assert ("DynamicKV-64, pool that fits every request, output tok/s with overlap scheduling on (default) / off: "
+            "1.20x.") in text
+    assert "| dynamickv-64, large pool, --disable-overlap-schedule | 0.100 | 70.0 |" in text
