@@ -81,13 +81,15 @@ DECODE_OUTPUT = 32
 DECODE_LABELS = ("full", "dynamickv")  # the decode table's servers; --adaptive-heads adds dynamickv+adaptive
 
 
-def bench_model(layers: int = 6, hidden: int = 128) -> str:
-    """A random Llama (8 query / 2 KV heads), built once under ``models/``; the default is issue
-    12's shape, the throughput preset's model."""
+def bench_model(layers: int = 6, hidden: int = 128, kv_heads: int = 2) -> str:
+    """A random Llama (8 query heads, ``kv_heads`` KV heads), built once under ``models/``; the
+    default is issue 12's shape, the throughput preset's model. ``--layers 32 --kv-heads 8`` is an
+    8B model's bookkeeping (32 layers, 8 KV heads) with almost no arithmetic."""
     from runtime.tiny_model import build
 
-    return str(build(ROOT / "models" / f"bench-llama-{layers}x{hidden}", layers=layers, hidden=hidden, heads=8,
-                     kv_heads=2, head_dim=hidden // 8, intermediate=3 * hidden, context=9216))
+    name = f"bench-llama-{layers}x{hidden}" + (f"-kv{kv_heads}" if kv_heads != 2 else "")
+    return str(build(ROOT / "models" / name, layers=layers, hidden=hidden, heads=8,
+                     kv_heads=kv_heads, head_dim=hidden // 8, intermediate=3 * hidden, context=9216))
 
 
 def server_args(model: str, dtype: str, policy: str, budget: int, pool_tokens: int | None, cache: bool,
@@ -320,14 +322,15 @@ def throughput(p: Preset, model: str, out: Path) -> dict:
     return res
 
 
-def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches, adaptive: bool = False) -> dict:
+def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches, adaptive: bool = False,
+                 output_len: int = DECODE_OUTPUT) -> dict:
     """Decode step (ms) while every request of a batch decodes, full KV vs DynamicKV-128 (and,
     with ``adaptive``, DynamicKV-128 with adaptive head budgets), one server per policy with a
     pool that fits the largest batch of the longest prompts whole."""
-    pool = max(batches) * (max(lengths) + DECODE_OUTPUT) + 1024
+    pool = max(batches) * (max(lengths) + output_len) + 1024
     logs = out / f"decode-{name}-logs"
     labels = DECODE_LABELS + (("dynamickv+adaptive",) if adaptive else ())
-    res = {"model": model, "dtype": dtype, "budget": DECODE_BUDGET, "output_len": DECODE_OUTPUT, "labels": labels,
+    res = {"model": model, "dtype": dtype, "budget": DECODE_BUDGET, "output_len": output_len, "labels": labels,
            "cells": {}}
     bar = tqdm(total=len(labels) * len(lengths) * len(batches), desc="decode cells", unit="cell")
     for policy in labels:
@@ -337,7 +340,7 @@ def decode_table(model: str, dtype: str, name: str, out: Path, lengths, batches,
             warm_up(url)
             for n in lengths:
                 for b in batches:
-                    load = Load(num_prompts=b, input_len=n, range_ratio=1.0, output_len=DECODE_OUTPUT)
+                    load = Load(num_prompts=b, input_len=n, range_ratio=1.0, output_len=output_len)
                     r = serving.run(url, model, load, f"{policy}, {b} x {n}", None, logs / "bench_serving.log")
                     res["cells"][f"{policy}/{n}/{b}"] = {"decode_step_ms": r["decode_step_ms"], "peak_running": r["peak_running"],
                                                           "median_itl_ms": r["median_itl_ms"]}
@@ -367,6 +370,13 @@ def decode_targets(res: dict) -> list[dict]:
         *((f"dynamickv-{res['budget']} adaptive / uniform head budgets, 4k-token prompts, batch {b}",
            ("dynamickv+adaptive", 4000, b), ("dynamickv", 4000, b), 1.15) for b in (8, 32)),
     ]
+    # the host-work issue's targets: at large batches, DynamicKV's step stays small and flat
+    lengths = sorted({int(k.split("/")[1]) for k in res["cells"]})
+    for n in lengths:
+        wanted += [(f"dynamickv-{res['budget']} / full KV, {n}-token prompts, batch 128", ("dynamickv", n, 128),
+                    ("full", n, 128), 0.45),
+                   (f"dynamickv-{res['budget']}, batch 128 / batch 64, {n}-token prompts", ("dynamickv", n, 128),
+                    ("dynamickv", n, 64), 1.15)]
     out = []
     for name, num, den, bound in wanted:
         a, b = step(*num), step(*den)
@@ -416,15 +426,19 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", type=int, nargs="+", default=DECODE_BATCHES, help="decode table: batch sizes")
     ap.add_argument("--adaptive-heads", action="store_true",
                     help="decode table: also time dynamickv-128 with --kv-head-budgets adaptive (a third server)")
+    ap.add_argument("--layers", type=int, default=6, help="the random benchmark Llama's layers (default 6)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="its KV heads (default 2; 8 with --layers 32: an 8B "
+                    "model's bookkeeping)")
+    ap.add_argument("--output-len", type=int, default=DECODE_OUTPUT, help="decode table: output tokens per request")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
     a = ap.parse_args(argv)
     if a.adaptive_heads and not a.decode_table:
         ap.error("--adaptive-heads: only with --decode-table")
     a.out.mkdir(parents=True, exist_ok=True)
-    model = a.model_path or bench_model()
+    model = a.model_path or bench_model(a.layers, kv_heads=a.kv_heads)
     if a.decode_table:
         name = Path(model).name
-        decode_table(model, a.dtype or "float32", name, a.out, a.lengths, a.batches, a.adaptive_heads)
+        decode_table(model, a.dtype or "float32", name, a.out, a.lengths, a.batches, a.adaptive_heads, a.output_len)
         return 0
     p = PRESETS["quick" if a.quick else a.preset]
     if a.num_prompts:
