@@ -39,6 +39,7 @@ SYNC_OPS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "is_nonze
             "_unique2", "masked_scatter"}
 HOST_READS = ("tolist", "numpy", "cpu", "item")
 DECODE_BATCHES = (1, 8, 32, 128, 256)
+SLOTS = 4096  # request slots (SGLang's req_to_token rows) the kept-row index spans
 COMPRESS_TOKENS = (4096, 16384, 32768)
 COMPRESS_REQUESTS = (1, 16)
 
@@ -153,13 +154,14 @@ def decode_world(batch: int, layers: int, heads: int, budget: int, prompt: int, 
 
     steps = 8
     table = RowTable(layers, heads, batch * (budget + steps) + 8, batch * (budget + steps) + 8, device=device)
-    index = KeptIndex(table, slots=batch)
+    index = KeptIndex(table, slots=SLOTS)
     kept = table.alloc(batch * budget).view(batch, budget)
     rows = table.row_of[:, :, kept].permute(2, 0, 1, 3)  # [B, L, H, budget]
     counts = np.full((batch, layers, heads), budget, dtype=np.int64)
-    slots = np.arange(batch, dtype=np.int64)
+    # spread over SGLang's request slots, as in a server that has run a while
+    slots = np.linspace(0, SLOTS - 1, batch).astype(np.int64)
     index.build(slots.tolist(), rows, counts, [prompt] * batch, room=steps)
-    req_to_token = torch.zeros(batch + 1, prompt + steps + 1, dtype=torch.int32, device=device)
+    req_to_token = torch.zeros(SLOTS + 1, prompt + steps + 1, dtype=torch.int32, device=device)
     return SimpleNamespace(table=table, index=index, slots=slots, seq=prompt, req_to_token=req_to_token)
 
 

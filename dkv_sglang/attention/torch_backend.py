@@ -145,7 +145,9 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
     def _attend_padded(self, q, rows: torch.Tensor, valid: torch.Tensor, layer) -> torch.Tensor:
         """A layer's decode in one SDPA call: q [B, Hq, D] against rows [B, H, W] (``valid``
         [B, H, W]: the rows each KV head attends to; the rest is padding). Returns [B, Hq, Dv]."""
-        keys, values = self.pool.k_rows[rows], self.pool.v_rows[rows]  # [B, H, W, D]
+        flat = rows.reshape(-1)  # one index_select per buffer: far cheaper than 3-D advanced indexing on a CPU
+        keys = self.pool.k_rows.index_select(0, flat).view(*rows.shape, -1)  # [B, H, W, D]
+        values = self.pool.v_rows.index_select(0, flat).view(*rows.shape, -1)
         if not (q.dtype == keys.dtype):
             keys, values = keys.to(q.dtype), values.to(q.dtype)
         group = layer.tp_q_head_num // layer.tp_k_head_num
