@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from . import machine
 from .cli import FLAGS, check_page_size, config_from_options, engine_defaults
 from .integration import settings
@@ -27,10 +29,23 @@ class Engine(_SGLangEngine):
         if self.dkv_config.compresses and kwargs.get("page_size") not in (None, 1):
             self.dkv_page_size = check_page_size(kwargs.pop("page_size"))
             kwargs["page_size"] = 1
+        # Published for the processes this engine spawns; put back at shutdown, so an engine made
+        # later in this process (a plain sglang.Engine included) does not inherit them.
+        self._dkv_env = {var: os.environ.get(var) for var in (settings.ENV_VAR, settings.PAGE_SIZE_VAR)}
         settings.publish(self.dkv_config)
         settings.publish_page_size(self.dkv_page_size)
         kwargs = {**engine_defaults(self.dkv_config, set(kwargs), on_cpu, self.dkv_page_size), **kwargs}
         super().__init__(**kwargs)
+
+    def shutdown(self):
+        try:
+            super().shutdown()
+        finally:
+            for var, value in getattr(self, "_dkv_env", {}).items():
+                if value is None:
+                    os.environ.pop(var, None)
+                else:
+                    os.environ[var] = value
 
     def dkv_stats(self) -> dict:
         """The scheduler's dkv stats: policy, budget, pool rows, recent compressed requests

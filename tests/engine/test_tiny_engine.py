@@ -37,6 +37,16 @@ def test_full_policy_is_vanilla_sglang(vanilla, full):
     assert len(set(vanilla["batched"][0])) > 5, "outputs vary, so equality means something"
 
 
+def test_a_shut_down_engine_leaves_no_settings_behind(dkv_small):
+    """A dkv Engine publishes its settings for the processes it spawns and takes them back at
+    shutdown: a plain sglang.Engine made later in this process is vanilla SGLang."""
+    import os
+
+    from dkv_sglang.integration import settings
+
+    assert settings.ENV_VAR not in os.environ and settings.PAGE_SIZE_VAR not in os.environ
+
+
 def test_dynamickv_with_budget_over_prompt_equals_full(full, dkv_large):
     assert dkv_large["batched"] == full["batched"]
     assert dkv_large["alone"] == full["alone"]
