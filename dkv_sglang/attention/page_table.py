@@ -74,11 +74,12 @@ class DecodeGroup:
     compressed: bool
 
     def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """([Bg, H, W] int64 rows, [Bg, H, W] bool: attended) of one layer."""
-        rows = self.rows[layer].long()
+        """([Bg, H, W] rows as stored (int32 from the index; padding and rows the table no longer
+        holds read as row 0), [Bg, H, W] bool: attended) of one layer."""
+        rows = self.rows[layer]
         width = torch.arange(rows.shape[2], device=rows.device)
         valid = width[None, None, :] < self.lens_dev[layer, :, :, None]
-        if not self.compressed:  # a row the table no longer holds is never read
+        if not self.compressed:  # a row the table no longer holds (-1) is never read
             valid = valid & (rows >= 0)
         return rows.clamp_min(0), valid
 

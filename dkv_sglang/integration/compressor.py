@@ -4,6 +4,7 @@ runs the server's policy unless its ``custom_params`` choose another (checked on
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 
@@ -120,8 +121,9 @@ class Job:
     selection: Selection | None = None
     counts: np.ndarray | None = None  # [L, H] host: rows each of this rank's heads keeps
 
-    @property
+    @functools.cached_property
     def positions(self) -> torch.Tensor:
+        """What the cut and the index read (:func:`_positions`), built once."""
         return _positions(self.selection, self.seq_len)
 
 
