@@ -39,7 +39,7 @@ SYNC_OPS = {"nonzero", "_local_scalar_dense", "item", "masked_select", "is_nonze
             "_unique2", "masked_scatter"}
 HOST_READS = ("tolist", "numpy", "cpu", "item")
 DECODE_BATCHES = (1, 8, 32, 128, 256)
-SLOTS = 4096  # request slots (SGLang's req_to_token rows) the kept-row index spans
+SLOTS = 4096  # request slots (SGLang's req_to_token rows) the batch is spread over
 COMPRESS_TOKENS = (4096, 16384, 32768)
 COMPRESS_REQUESTS = (1, 16)
 
@@ -154,7 +154,7 @@ def decode_world(batch: int, layers: int, heads: int, budget: int, prompt: int, 
 
     steps = 8
     table = RowTable(layers, heads, batch * (budget + steps) + 8, batch * (budget + steps) + 8, device=device)
-    index = KeptIndex(table, slots=SLOTS)
+    index = KeptIndex(table)
     kept = table.alloc(batch * budget).view(batch, budget)
     rows = table.row_of[:, :, kept].permute(2, 0, 1, 3)  # [B, L, H, budget]
     counts = np.full((batch, layers, heads), budget, dtype=np.int64)
@@ -210,7 +210,7 @@ def compress_world(tokens: int, requests: int, layers: int, heads: int, budget: 
 
     config = PolicyConfig(policy="dynamickv", budget=budget)
     table = RowTable(layers, heads, requests * tokens + 8, requests * tokens + 8)
-    pool = SimpleNamespace(kept=KeptIndex(table, slots=requests))
+    pool = SimpleNamespace(kept=KeptIndex(table, entries=requests))
     req_to_token = torch.zeros(requests + 1, tokens, dtype=torch.int32)
     g = torch.Generator().manual_seed(seed)
     jobs, recorded = [], {}

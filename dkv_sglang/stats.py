@@ -29,7 +29,7 @@ def combine(ranks: list[dict]) -> dict:
     if len(ranks) == 1:
         return ranks[0]
     out = {k: v for k, v in ranks[0].items() if k != "recent"}
-    for key in (*SUMMED, "token_ids_free"):
+    for key in (*SUMMED, "token_ids_free", "kept_index_entries"):
         if key in out:
             out[key] = sum(r[key] for r in ranks)
     out["peak_running_requests"] = max(r["peak_running_requests"] for r in ranks)

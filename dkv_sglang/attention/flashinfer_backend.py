@@ -21,7 +21,7 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ..memory.pool import DkvKVPool
+from ..memory.pool import DkvKVPool, watch_slots
 from ..policy import PolicyConfig, window_scores
 from . import page_table as pt
 from .flashinfer_kernels import attend_extend
@@ -55,6 +55,7 @@ class DkvFlashInferAttnBackend(AttentionBackend):
         self.config = config
         self.model_runner = model_runner
         self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        watch_slots(model_runner.req_to_token_pool, pool.kept)
         self.num_kv_heads = pool.head_num
         self.num_q_heads = num_q_heads or _q_heads(model_runner)
         self.group = self.num_q_heads // self.num_kv_heads

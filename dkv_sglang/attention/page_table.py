@@ -111,8 +111,8 @@ def decode_rows(index: KeptIndex, row_of: torch.Tensor, req_to_token: torch.Tens
         s, n = slots[members], seq_lens[members]
         width = index.width(s, n)
         # [L, Bc, H, W]; advanced indexing reads only the rows taken (index_select of the
-        # strided slice would first copy every slot's rows: 20x slower at 4k slots)
-        rows = index.rows[:, _to(s, device), :, :width]
+        # strided slice would first copy every entry's rows)
+        rows = index.rows[:, _to(index.entries(s), device), :, :width]
         lens = index.lens(s, n).transpose(1, 0, 2).copy()
         groups.append(DecodeGroup(members, _to(members, device), rows, lens, _to(lens, device), True))
     members = np.flatnonzero(~live)

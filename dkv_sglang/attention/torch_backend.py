@@ -17,7 +17,7 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from . import page_table as pt
 
-from ..memory.pool import DkvKVPool
+from ..memory.pool import DkvKVPool, watch_slots
 from ..policy import PolicyConfig, Selection, window_scores
 
 
@@ -42,6 +42,7 @@ class DkvTorchAttnBackend(TorchNativeAttnBackend):
             raise TypeError("DkvTorchAttnBackend needs the dkv pool (is the plugin loaded?)")
         self.pool: DkvKVPool = self.token_to_kv_pool
         self.config = config
+        watch_slots(model_runner.req_to_token_pool, self.pool.kept)
 
     def _check_layer(self, layer):
         if layer.is_cross_attention or (layer.sliding_window_size is not None and layer.sliding_window_size > -1):

@@ -37,6 +37,7 @@ _STREAM_CHUNK = (
     "sglang.srt.managers.scheduler_components.output_streamer._GenerationStreamAccumulator.accept"
 )
 _FORWARD_BATCH = "sglang.srt.model_executor.forward_batch_info.ForwardBatch.init_new"
+_FREE_SLOTS = "sglang.srt.mem_cache.memory_pool.ReqToTokenPool.free_rows"
 _INTERNAL_STATE = (
     "sglang.srt.managers.scheduler_components.internal_state."
     "SchedulerInternalStateController.get_internal_state"
@@ -79,6 +80,7 @@ def register() -> None:
         HookRegistry.register(f"{_BATCH}.prepare_for_decode", _place_decode, HookType.AFTER)
     HookRegistry.register(f"{_BATCH}.prepare_for_decode", _index_decode, HookType.AFTER)  # after placing
     HookRegistry.register(_FORWARD_BATCH, _decode_slots_on_host, HookType.AFTER)
+    HookRegistry.register(_FREE_SLOTS, _free_kept_entries, HookType.AFTER)
     ATTENTION_BACKENDS["torch_native"] = _create_torch_backend
     from ..attention.flashinfer_backend import register_gpu_backend  # on CUDA: FlashInfer over the dkv pool
 
@@ -158,6 +160,13 @@ def _decode_slots_on_host(result, *args, **kwargs):
         if isinstance(slots, torch.Tensor) and slots.numel() == result.batch_size:
             result.req_pool_indices_cpu = slots
             return
+
+
+def _free_kept_entries(result, req_to_token_pool, indices, *args, **kwargs):
+    """A finished or retracted request's slot is free: so is its kept-row entry."""
+    from ..memory.pool import slots_freed
+
+    slots_freed(req_to_token_pool, indices)
 
 
 def _place_decode(result, batch):

@@ -100,4 +100,5 @@ class Router(Process):
 def idle(stats: dict) -> bool:
     """Nothing held for a request: every row is free or held by the prefix cache alone."""
     free = stats["pool_rows_free"] + stats["pool_rows_cached"]
-    return stats["running_requests"] == 0 and free == stats["pool_rows_total"]
+    entries = stats.get("kept_index_entries", 0)  # a compressing server's index holds no request
+    return stats["running_requests"] == 0 and free == stats["pool_rows_total"] and entries == 0

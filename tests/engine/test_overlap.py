@@ -141,6 +141,7 @@ def test_both_retract_and_end_idle(runs):
         assert any(r["replayed"] for r in stats["recent"]), "a retracted request was cut again"
         assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
         assert stats["running_requests"] == 0
+        assert stats["kept_index_entries"] == 0, "finished, aborted and retracted requests' entries are free"
 
 
 def test_a_cutting_prefill_is_processed_before_the_next_batch_is_prepared(monkeypatch):

@@ -42,3 +42,4 @@ def test_page_size_16_gives_the_same_tokens_and_kept_rows_as_page_size_1(rows_1,
 def test_paged_pool_is_idle_after(pages_16):
     for stats in (pages_16["stats_batched"], pages_16["stats"]):
         assert stats["pool_rows_free"] == stats["pool_rows_total"]
+        assert stats["kept_index_entries"] == 0

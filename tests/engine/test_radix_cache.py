@@ -89,6 +89,7 @@ def test_compressed_requests_hold_their_own_rows_and_the_cache_keeps_prompts_who
         assert r["rows_freed"] == r["prompt_tokens"] * L - sum(r["kept_per_layer"])
     # idle: every row is free or in the cache, which holds the long prompts whole
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
+    assert stats["kept_index_entries"] == 0
     assert stats["pool_rows_cached"] >= (DOC + 20 + 30) * L
     assert uncached[2]["pool_rows_cached"] == 0
 

@@ -385,4 +385,5 @@ def test_a_sample_equals_the_same_requests_alone(restart_run):
 def test_the_last_server_is_idle_afterwards(restart_run):
     *_, stats = restart_run
     assert stats["pool_rows_free"] == stats["pool_rows_total"]
+    assert stats["kept_index_entries"] == 0
     assert stats["requests_compressed"] > 0

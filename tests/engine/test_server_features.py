@@ -59,7 +59,7 @@ def _generate(url, body, timeout=300):
 
 def _idle(url):
     s = _stats(url)
-    return s["pool_rows_free"] + s["pool_rows_cached"] == s["pool_rows_total"]
+    return s["pool_rows_free"] + s["pool_rows_cached"] == s["pool_rows_total"] and s["kept_index_entries"] == 0
 
 
 def test_chunked_prefill_keeps_the_same_rows_and_tokens(server, unchunked, chunk_prompts):

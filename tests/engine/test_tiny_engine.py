@@ -68,6 +68,7 @@ def test_small_budget_compresses_each_long_prompt_exactly(dkv_small, full):
         assert r["rows_freed"] == r["prompt_tokens"] * L - sum(kept)
     # idle again: every row is back (SGLang's strict idle check also ran and passed)
     assert stats["pool_rows_free"] + stats["pool_rows_cached"] == stats["pool_rows_total"]
+    assert stats["kept_index_entries"] == 0, "every finished request's kept-row entry is free"
     # compression acted: some continuation differs from full KV
     assert dkv_small["alone"] != full["alone"]
 

@@ -62,9 +62,9 @@ def check(index, t, seqs: dict[int, torch.Tensor]):
 def test_build_indexes_exactly_the_rows_each_layer_and_head_keeps(counts):
     t = RowTable(3, 2, 200, 800)
     vids = compressed(t, counts=counts)
-    index = KeptIndex(t, slots=2)
+    index = KeptIndex(t, entries=1)
     rows, lens = index_rows(t, vids)
-    index.build([7], rows[None], lens[None], [len(vids)], room=4)  # slot 7 > slots: grows
+    index.build([7], rows[None], lens[None], [len(vids)], room=4)  # slot 7: the slot map grows
     step = check(index, t, {7: vids})
     assert [g.compressed for g in step.groups] == [True]
     assert index.lens(np.array([7]), np.array([len(vids)]))[0].tolist() == [list(c) for c in counts]
@@ -101,3 +101,48 @@ def test_an_entry_that_missed_a_step_is_dropped_on_the_host():
     assert index.live(np.array([2]), np.array([len(vids)]))[0], "slot 2, not in the batch, is untouched"
     index.forget(2)
     assert not index.live(np.array([2]), np.array([len(vids)]))[0]
+
+
+def test_entries_are_compact_whatever_the_slot_ids_and_freed_ones_are_reused():
+    """SGLang hands out its highest request slot first: the index's device tensors grow with
+    the requests it holds, never with slot ids."""
+    t = RowTable(3, 2, 400, 1600)
+    index = KeptIndex(t, entries=2)
+    a = compressed(t, seed=3)
+    rows, lens = index_rows(t, a)
+    index.build([4096], rows[None], lens[None], [len(a)], room=4)
+    shape = tuple(index.rows.shape)
+    assert shape[1] == 3 and index.held == 1  # two entries and the scratch one
+    check(index, t, {4096: a})
+    index.forget(4096)
+    assert index.held == 0 and not index.live(np.array([4096]), np.array([len(a)]))[0]
+    b = compressed(t, seed=4)
+    rows, lens = index_rows(t, b)
+    index.build([4095], rows[None], lens[None], [len(b)], room=4)
+    assert tuple(index.rows.shape) == shape, "the freed entry was handed out again"
+    check(index, t, {4095: b})
+    many = {5000 + i: compressed(t, seed=10 + i) for i in range(5)}
+    built = [index_rows(t, v) for v in many.values()]
+    index.build(list(many), torch.stack([r for r, _ in built]), np.stack([c for _, c in built]),
+                [len(v) for v in many.values()], room=4)
+    assert index.held == 6 and index.rows.shape[1] - 1 == 8  # doubled from 2 to 8, not to 5005
+    check(index, t, {4095: b, **many})
+
+
+def test_a_freed_slot_frees_its_entry():
+    """The plugin calls slots_freed from SGLang's ReqToTokenPool.free_rows."""
+    from dkv_sglang.memory.pool import slots_freed, watch_slots
+
+    class Slots:  # stands for SGLang's ReqToTokenPool: only its identity matters here
+        pass
+
+    t = RowTable(3, 2, 200, 800)
+    index, slots = KeptIndex(t), Slots()
+    a = compressed(t, seed=5)
+    rows, lens = index_rows(t, a)
+    index.build([9, 12], torch.stack([rows, rows]), np.stack([lens, lens]), [len(a)] * 2, room=4)
+    slots_freed(Slots(), [9])  # another pool's slots: untouched
+    assert index.held == 2
+    watch_slots(slots, index)
+    slots_freed(slots, [9])
+    assert index.held == 1 and index.live(np.array([9, 12]), np.array([len(a)] * 2)).tolist() == [False, True]
