@@ -71,7 +71,7 @@ class KeptIndex:
     def _grow(self, entries: int, capacity: int) -> None:
         """Room for ``entries`` entries and ``capacity`` rows per head (doubling)."""
         old_e, old_c = self.scratch, self.capacity
-        new_e, new_c = old_e, old_c
+        new_e, new_c = max(old_e, 1), max(old_c, 1)
         while new_e < entries:
             new_e *= 2
         while new_c < capacity:
