@@ -21,7 +21,8 @@ import torch
 from sglang.srt.layers.attention.base_attn_backend import AttentionBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-from ..memory.pool import DkvKVPool, watch_slots
+from ..memory.kept_index import watch_slots
+from ..memory.pool import DkvKVPool
 from ..policy import PolicyConfig, window_scores
 from . import page_table as pt
 from .flashinfer_kernels import attend_extend

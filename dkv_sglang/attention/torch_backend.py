@@ -17,7 +17,8 @@ from torch.nn.functional import scaled_dot_product_attention
 
 from . import page_table as pt
 
-from ..memory.pool import DkvKVPool, watch_slots
+from ..memory.kept_index import watch_slots
+from ..memory.pool import DkvKVPool
 from ..policy import PolicyConfig, Selection, window_scores
 
 

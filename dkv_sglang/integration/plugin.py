@@ -164,7 +164,7 @@ def _decode_slots_on_host(result, *args, **kwargs):
 
 def _free_kept_entries(result, req_to_token_pool, indices, *args, **kwargs):
     """A finished or retracted request's slot is free: so is its kept-row entry."""
-    from ..memory.pool import slots_freed
+    from ..memory.kept_index import slots_freed
 
     slots_freed(req_to_token_pool, indices)
 

@@ -25,11 +25,14 @@ A decode step appends every request's new rows with one vectorized write (:meth:
 which requests have an entry and how long their rows are is decided on the host from SGLang's
 host-side lengths (``seq_lens_cpu``), never by a device sync. Requests without an entry (full
 policy, short prompts) are read through ``req_to_token`` and the row table. An entry is freed
-when its slot is (:meth:`forget`; the plugin calls it from ``ReqToTokenPool.free_rows``), when
-a new prefill takes the slot, and when its request misses a decode step.
+when its slot is (:func:`slots_freed`, which the plugin calls from SGLang's
+``ReqToTokenPool.free_rows``), when a new prefill takes the slot, and when its request misses a
+decode step.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -187,3 +190,20 @@ class KeptIndex:
         heads = torch.arange(H, device=self.device)[None, None, :]
         self.rows.index_put_((layers, target[None, :, None], heads, col.long()), new)
         self.covered[e[live]] = seq_lens[live]
+
+
+# SGLang's request-slot pool -> the kept-row index whose entries its slots hold (see slots_freed).
+_INDEX_OF = weakref.WeakKeyDictionary()
+
+
+def watch_slots(req_to_token_pool, index: KeptIndex) -> None:
+    """``index``'s entries are keyed by ``req_to_token_pool``'s slots: free them with the slots."""
+    _INDEX_OF[req_to_token_pool] = index
+
+
+def slots_freed(req_to_token_pool, slots) -> None:
+    """SGLang freed these request slots (``ReqToTokenPool.free_rows``): their requests are gone,
+    and so are their kept-row entries."""
+    index = _INDEX_OF.get(req_to_token_pool)
+    if index is not None and len(slots):
+        index.forget(slots)

@@ -10,7 +10,6 @@ row a policy drops raises ``available_size()`` and the scheduler admits more.
 from __future__ import annotations
 
 import collections
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -25,21 +24,6 @@ from .row_table import RowTable
 # Token ids alive at once, per token of capacity: compressed requests keep their ids.
 IDS_PER_TOKEN = 8
 RECENT_REQUESTS = 256
-# SGLang's request-slot pool -> the kept-row index whose entries its slots hold (see slots_freed).
-_INDEX_OF = weakref.WeakKeyDictionary()
-
-
-def watch_slots(req_to_token_pool, index: KeptIndex) -> None:
-    """``index``'s entries are keyed by ``req_to_token_pool``'s slots: free them with the slots."""
-    _INDEX_OF[req_to_token_pool] = index
-
-
-def slots_freed(req_to_token_pool, slots) -> None:
-    """SGLang freed these request slots (``ReqToTokenPool.free_rows``): their requests are gone,
-    and so are their kept-row entries."""
-    index = _INDEX_OF.get(req_to_token_pool)
-    if index is not None and len(slots):
-        index.forget(slots)
 
 
 @dataclass(frozen=True)

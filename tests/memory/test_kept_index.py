@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dkv_sglang.attention.page_table import decode_rows
-from dkv_sglang.memory.kept_index import KeptIndex
+from dkv_sglang.memory.kept_index import KeptIndex, slots_freed, watch_slots
 from dkv_sglang.memory.row_table import RowTable
 
 
@@ -131,8 +131,6 @@ def test_entries_are_compact_whatever_the_slot_ids_and_freed_ones_are_reused():
 
 def test_a_freed_slot_frees_its_entry():
     """The plugin calls slots_freed from SGLang's ReqToTokenPool.free_rows."""
-    from dkv_sglang.memory.pool import slots_freed, watch_slots
-
     class Slots:  # stands for SGLang's ReqToTokenPool: only its identity matters here
         pass
 
