@@ -17,9 +17,9 @@ the slot ids (SGLang hands out its highest slot first):
 - ``base`` [E + 1, L, H] int32, device (and ``base_host``, its numpy mirror): rows each head
   held when the entry was built. Every decode step adds one row to every head, so a head's
   length is ``base + (seq_len - built_at)``: lengths never have to be read back from the device.
-- host bookkeeping in numpy: ``entry_of`` (slot -> entry, -1: none), and per entry ``built_at``
-  (sequence length at build, -1: free), ``covered`` (length the entry covers now), ``widest``
-  (the longest head at build).
+- host bookkeeping in numpy: ``entry_of`` (slot -> entry, -1: none), and per entry ``slot_of``
+  (-1: free), ``built_at`` (sequence length at build), ``covered`` (length the entry covers now),
+  ``widest`` (the longest head at build).
 
 A decode step appends every request's new rows with one vectorized write (:meth:`append`);
 which requests have an entry and how long their rows are is decided on the host from SGLang's
@@ -120,7 +120,8 @@ class KeptIndex:
             while size <= max(slots):
                 size *= 2
             self.entry_of = np.concatenate([self.entry_of, np.full(size - len(self.entry_of), -1, np.int64)])
-        entries = [self._free.pop() for _ in slots]
+        entries = self._free[: -len(slots) - 1 : -1]  # the top of the stack, popped in one slice
+        del self._free[-len(slots):]
         self.entry_of[slots] = entries
         self.slot_of[entries] = slots
         idx = torch.tensor(entries, dtype=torch.int64, device=self.device)
@@ -140,7 +141,6 @@ class KeptIndex:
             return
         self.entry_of[self.slot_of[held]] = -1
         self.slot_of[held] = -1
-        self.built_at[held] = self.covered[held] = -1
         self._free.extend(held.tolist())
 
     def reset(self) -> None:
@@ -148,8 +148,11 @@ class KeptIndex:
 
     def live(self, slots: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
         """[B] bool (host): which of ``slots`` have an entry covering ``seq_lens`` tokens."""
-        e = self.entries(slots)
-        return (e < self.scratch) & (self.built_at[e] >= 0) & (self.covered[e] == np.asarray(seq_lens))
+        return self._live(self.entries(slots), seq_lens)
+
+    def _live(self, e: np.ndarray, seq_lens) -> np.ndarray:
+        # a slot without an entry maps to the scratch entry, whose ``covered`` stays -1
+        return (e < self.scratch) & (self.covered[e] == np.asarray(seq_lens))
 
     def lens(self, slots: np.ndarray, seq_lens: np.ndarray) -> np.ndarray:
         """[B, L, H] (host) rows each head of a live entry holds at ``seq_lens``."""
@@ -172,8 +175,8 @@ class KeptIndex:
         seq_lens = np.asarray(seq_lens, dtype=np.int64)
         if len(slots) == 0:
             return
-        live = self.live(slots, seq_lens - 1)
         e = self.entries(slots)
+        live = self._live(e, seq_lens - 1)
         self.forget(slots[~live & (e < self.scratch)])
         if not live.any():
             return
